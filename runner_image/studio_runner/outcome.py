@@ -1,0 +1,95 @@
+"""How an attempt ended, and what that means for the message that carried it.
+
+Upstream requeued almost everything, so a deterministic failure looped between runners
+forever and an expired request cycled until every runner refused it. Here each ending maps
+to one disposition: success is acked; conditions another attempt can fix (runner shutting
+down, resources busy, storage briefly gone) requeue without counting; workload failures
+retry a bounded number of times; everything else is dead-lettered with its reason.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Status(str, enum.Enum):
+    """The attempt's ending, as written into the result summary and the scrape document."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # the workload exited non-zero
+    TIMED_OUT = "timed_out"  # max_duration reached; the process group was killed
+    EXPIRED = "expired"  # experimentLifetime passed before or during the run
+    INVALID = "invalid"  # not a runnable request (decode, artifacts that cannot exist, venv that cannot build)
+    INFRASTRUCTURE = "infrastructure_error"  # storage or environment trouble another attempt may not have
+    INTERRUPTED = "interrupted"  # the runner was told to stop; someone else should take it
+
+
+class Disposition(str, enum.Enum):
+    ACK = "ack"
+    REQUEUE = "requeue"  # back to the queue now, attempt not counted
+    RETRY = "retry"  # back to the queue, attempt counted; dead-lettered once attempts run out
+    REJECT = "reject"  # dead-letter with the reason, then ack
+
+
+EXIT_CODES = {
+    Status.SUCCEEDED: 0,
+    Status.FAILED: 1,
+    Status.INVALID: 2,
+    Status.TIMED_OUT: 3,
+    Status.EXPIRED: 4,
+    Status.INFRASTRUCTURE: 5,
+    Status.INTERRUPTED: 6,
+}
+"""``studio-runner run`` exit codes, so an Airflow task or pod can tell the cases apart."""
+
+_DISPOSITIONS = {
+    Status.SUCCEEDED: Disposition.ACK,
+    Status.FAILED: Disposition.RETRY,
+    Status.TIMED_OUT: Disposition.REJECT,
+    Status.EXPIRED: Disposition.REJECT,
+    Status.INVALID: Disposition.REJECT,
+    Status.INFRASTRUCTURE: Disposition.RETRY,
+    Status.INTERRUPTED: Disposition.REQUEUE,
+}
+
+
+@dataclass
+class Outcome:
+    """The result of one attempt: what happened, why, and where its results went."""
+
+    status: Status
+    reason: str = ""
+    key: str = ""
+    exit_code: int | None = None
+    artifacts: dict[str, str] = field(default_factory=dict)
+    scrape_uri: str | None = None
+    results_saved: bool = True
+    duration_seconds: float = 0.0
+
+    @property
+    def disposition(self) -> Disposition:
+        if not self.results_saved and self.status is Status.SUCCEEDED:
+            # never ack work whose results are not safe in storage
+            return Disposition.RETRY
+        return _DISPOSITIONS[self.status]
+
+    @property
+    def process_exit_code(self) -> int:
+        if not self.results_saved and self.status is Status.SUCCEEDED:
+            return EXIT_CODES[Status.INFRASTRUCTURE]
+        return EXIT_CODES[self.status]
+
+    def summary(self) -> dict[str, Any]:
+        """The small JSON document ``studio-runner run --result-file`` writes (and XCom carries)."""
+        return {
+            "key": self.key,
+            "status": self.status.value,
+            "reason": self.reason,
+            "exit_code": self.exit_code,
+            "artifacts": self.artifacts,
+            "scrape_uri": self.scrape_uri,
+            "results_saved": self.results_saved,
+            "duration_seconds": round(self.duration_seconds, 3),
+        }

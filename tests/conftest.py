@@ -1,0 +1,56 @@
+"""Session-wide real servers: one RabbitMQ, SeaweedFS and moto SQS for the whole test run.
+
+They bind free loopback ports, so a developer's own brokers (or the demo's) keep running
+undisturbed. A server that cannot start fails the session loudly; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore.config import Config
+
+from devtools.services import Endpoints, Ports, ServiceSet
+
+
+@pytest.fixture(scope="session")
+def service_set(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceSet]:
+    services = ServiceSet(data_dir=tmp_path_factory.mktemp("services"), ports=Ports.free())
+    services.start()
+    yield services
+    services.stop()
+
+
+@pytest.fixture(scope="session")
+def services(service_set: ServiceSet) -> Endpoints:
+    return service_set.endpoints
+
+
+@pytest.fixture(scope="session")
+def s3_client(services: Endpoints):
+    """A boto3 S3 client for checking what the code under test stored."""
+    return boto3.client(
+        "s3",
+        endpoint_url=services.s3_endpoint,
+        aws_access_key_id=services.s3_access_key,
+        aws_secret_access_key=services.s3_secret_key,
+        region_name=services.region,
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3}),
+    )
+
+
+@pytest.fixture
+def bucket(s3_client) -> str:
+    """A fresh bucket per test, so tests never see each other's objects."""
+    name = f"t-{uuid.uuid4().hex[:20]}"
+    s3_client.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
