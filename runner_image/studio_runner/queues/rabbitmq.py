@@ -1,0 +1,357 @@
+"""RabbitMQ queues as the StudioML client sets them up (spec §2.2), consumed with pika.
+
+Threading: pika's ``BlockingConnection`` must only ever be used by one thread. Each ``get``
+therefore opens its own connection on the calling thread, and a message it returns keeps
+that connection (and the thread) for its whole life: ``hold_until`` services heartbeats on
+it while the experiment runs on another thread, and the settle happens on it afterwards.
+Every delivery method checks the thread, so misuse fails loudly instead of corrupting frames.
+A runner that dies drops the connection, and the broker redelivers the unacked message.
+
+The client declares the exchange and its queues; we only declare passively, or with the
+client's exact flags when something is missing, so we never cause PRECONDITION_FAILED.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+from pika.spec import Basic, BasicProperties
+
+from ..request import redact
+from .base import Delivery, DeliveryLost, QueueError, Transport, dead_letter_queue, utc_now_text
+
+log = logging.getLogger(__name__)
+
+EXCHANGE = "StudioML.topic"
+ROUTING_PREFIX = "StudioML."
+ATTEMPTS_HEADER = "x-studio-attempts"
+LAST_FAILURE_HEADER = "x-studio-last-failure"
+REASON_HEADER = "x-studio-reject-reason"
+REJECTED_QUEUE_HEADER = "x-studio-rejected-queue"
+REJECTED_AT_HEADER = "x-studio-rejected-at"
+
+PERSISTENT = 2
+HOLD_TICK_SECONDS = 0.25
+"""How often ``hold_until`` looks at its event; pika answers heartbeats in between."""
+BLOCKED_CONNECTION_TIMEOUT = 300.0
+"""A broker under a resource alarm blocks publishers; give up (and keep the message) after this."""
+
+
+def management_url_for(amqp_url: str) -> str:
+    """The management API beside an AMQP URL: same host and user, port + 10000 (spec §2.2)."""
+    parts = urlsplit(amqp_url)
+    secure = parts.scheme == "amqps"
+    port = (parts.port or (5671 if secure else 5672)) + 10000
+    userinfo = ""
+    if parts.username is not None:
+        userinfo = parts.username + (f":{parts.password}" if parts.password is not None else "") + "@"
+    host = parts.hostname or "localhost"
+    if ":" in host:
+        host = f"[{host}]"
+    return urlunsplit(("https" if secure else "http", f"{userinfo}{host}:{port}", "", "", ""))
+
+
+def routing_key(queue: str) -> str:
+    return f"{ROUTING_PREFIX}{queue}"
+
+
+class RabbitMQTransport(Transport):
+    """One broker (one vhost): discovery through the management API, work through ``basic.get``."""
+
+    kind = "rmq"
+
+    def __init__(
+        self,
+        amqp_url: str,
+        management_url: str | None = None,
+        *,
+        http_timeout: float = 10.0,
+        connection_name: str = "studio-runner",
+    ) -> None:
+        self._amqp_url = amqp_url
+        parameters = pika.URLParameters(amqp_url)  # validates the URL once, here
+        self._vhost = parameters.virtual_host
+        self._http_timeout = http_timeout
+        self._connection_name = connection_name
+        self._api_base, self._api_auth = _split_credentials(
+            management_url or management_url_for(amqp_url),
+            fallback=(
+                getattr(parameters.credentials, "username", ""),
+                getattr(parameters.credentials, "password", ""),
+            ),
+        )
+
+    def describe(self) -> str:
+        return f"rmq {redact(self._amqp_url)}"
+
+    # --- management API ---------------------------------------------------------------------
+    def discover(self) -> list[str]:
+        """Queues bound to ``StudioML.topic`` with a ``StudioML.`` routing key (upstream ``Refresh``)."""
+        path = f"/api/exchanges/{quote(self._vhost, safe='')}/{quote(EXCHANGE, safe='')}/bindings/source"
+        bindings = self._api(path)
+        if bindings is None:  # no exchange yet: no client has published
+            return []
+        return sorted(
+            {
+                binding["destination"]
+                for binding in bindings
+                if binding.get("destination_type") == "queue"
+                and str(binding.get("routing_key", "")).startswith(ROUTING_PREFIX)
+            }
+        )
+
+    def exists(self, queue: str) -> bool:
+        return self._api(f"/api/queues/{quote(self._vhost, safe='')}/{quote(queue, safe='')}") is not None
+
+    def _api(self, path: str) -> Any:
+        """GET a management API document; None for 404."""
+        request = urllib.request.Request(self._api_base + path, headers={"Accept": "application/json"})
+        if self._api_auth:
+            request.add_header("Authorization", self._api_auth)
+        try:
+            with urllib.request.urlopen(request, timeout=self._http_timeout) as answer:
+                return json.load(answer)
+        except urllib.error.HTTPError as error:
+            if error.code == 404:
+                return None
+            raise QueueError(
+                f"RabbitMQ management API {self._api_base}{path} answered {error.code} {error.reason}; "
+                "check --amqp-mgt-url and that the user has the monitoring tag"
+            ) from error
+        except (OSError, ValueError) as error:
+            raise QueueError(
+                f"RabbitMQ management API at {self._api_base} is unreachable ({error}); "
+                "check --amqp-mgt-url (default: AMQP port + 10000) and that the management plugin is enabled"
+            ) from error
+
+    # --- AMQP -------------------------------------------------------------------------------
+    def connect(self, purpose: str) -> pika.BlockingConnection:
+        """A new connection owned by the calling thread, named so operators can tell ours apart."""
+        parameters = pika.URLParameters(self._amqp_url)
+        parameters.client_properties = {"connection_name": f"{self._connection_name} {purpose}"}
+        if parameters.blocked_connection_timeout is None:
+            parameters.blocked_connection_timeout = BLOCKED_CONNECTION_TIMEOUT
+        try:
+            return pika.BlockingConnection(parameters)
+        except pika.exceptions.AMQPError as error:
+            raise QueueError(
+                f"cannot connect to RabbitMQ at {redact(self._amqp_url)}: {error!r}; check --amqp-url"
+            ) from error
+
+    def get(self, queue: str) -> RabbitMQDelivery | None:
+        connection = self.connect(queue)
+        try:
+            channel = connection.channel()
+            method, properties, body = channel.basic_get(queue, auto_ack=False)
+        except pika.exceptions.ChannelClosedByBroker as error:
+            _close_quietly(connection)
+            if error.reply_code == 404:
+                return None  # the client deleted its queue: nothing to do
+            raise QueueError(f"RabbitMQ refused basic.get on {queue!r}: {error.reply_text}") from error
+        except pika.exceptions.AMQPError as error:
+            _close_quietly(connection)
+            raise QueueError(f"basic.get on RabbitMQ queue {queue!r} failed: {error!r}") from error
+        if method is None:
+            _close_quietly(connection)
+            return None
+        return RabbitMQDelivery(queue, connection, channel, method, properties, body)
+
+
+class RabbitMQDelivery(Delivery):
+    """A message from ``basic.get``, unacked on a connection only its receiving thread touches."""
+
+    def __init__(
+        self,
+        queue: str,
+        connection: pika.BlockingConnection,
+        channel: BlockingChannel,
+        method: Basic.GetOk,
+        properties: BasicProperties,
+        body: bytes,
+    ) -> None:
+        headers = dict(properties.headers or {})
+        super().__init__(
+            queue,
+            body,
+            attempts=_as_int(headers.get(ATTEMPTS_HEADER), 1),
+            redelivered=bool(method.redelivered),
+            headers=headers,
+        )
+        self.properties = properties
+        self._connection = connection
+        self._channel = channel
+        self._tag = method.delivery_tag
+        self._owner = threading.get_ident()
+        self._publisher: BlockingChannel | None = None
+
+    def hold_until(self, done: threading.Event) -> None:
+        """Service the connection (heartbeats, channel events) until ``done``; pika needs us to."""
+        self._check_thread()
+        while not done.is_set():
+            try:
+                self._connection.process_data_events(time_limit=HOLD_TICK_SECONDS)
+            except pika.exceptions.AMQPError as error:
+                log.warning(
+                    "lost the connection holding a message from %s (%r); RabbitMQ will redeliver it, "
+                    "so another runner may run it again",
+                    self.queue,
+                    error,
+                )
+                break
+            if self._channel.is_closed:
+                log.warning(
+                    "RabbitMQ closed the channel holding a message from %s; it will be redelivered. "
+                    "If runs last longer than the broker's consumer_timeout (30 min by default), raise it.",
+                    self.queue,
+                )
+                break
+        done.wait()
+
+    def _ack(self) -> None:
+        with self._amqp("ack"):
+            self._channel.basic_ack(self._tag)
+
+    def _requeue(self) -> None:
+        with self._amqp("requeue"):
+            self._channel.basic_nack(self._tag, requeue=True)
+
+    def _retry(self, reason: str) -> None:
+        headers = {**self.headers, ATTEMPTS_HEADER: self.attempts + 1, LAST_FAILURE_HEADER: reason}
+        with self._amqp("retry"):
+            self._publish(routing_key(self.queue), headers)
+            self._channel.basic_ack(self._tag)
+
+    def _reject(self, reason: str) -> None:
+        dead_letter = dead_letter_queue(self.queue)
+        headers = {
+            **self.headers,
+            ATTEMPTS_HEADER: self.attempts,
+            REASON_HEADER: reason,
+            REJECTED_QUEUE_HEADER: self.queue,
+            REJECTED_AT_HEADER: utc_now_text(),
+        }
+        with self._amqp("reject"):
+            self._ensure_dead_letter_queue(dead_letter)
+            self._publish(routing_key(dead_letter), headers)
+            self._channel.basic_ack(self._tag)
+
+    def _release(self) -> None:
+        self._check_thread()
+        _close_quietly(self._connection)
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _check_thread(self) -> None:
+        if threading.get_ident() != self._owner:
+            raise RuntimeError(
+                f"{self!r} was received on another thread; pika connections are not thread-safe, "
+                "so hold and settle a RabbitMQ delivery on the thread that called get()"
+            )
+
+    @contextlib.contextmanager
+    def _amqp(self, operation: str) -> Iterator[None]:
+        self._check_thread()
+        try:
+            yield
+        except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as error:
+            raise QueueError(
+                f"RabbitMQ did not accept the {operation} copy of a message from {self.queue}: {error!r}"
+            ) from error
+        except pika.exceptions.AMQPError as error:
+            raise DeliveryLost(
+                f"could not {operation} a message from {self.queue} ({error!r}); RabbitMQ will redeliver it"
+            ) from error
+
+    def _publish(self, key: str, headers: dict[str, Any]) -> None:
+        """Publish a persistent copy with confirms and ``mandatory``; raises unless the broker took it."""
+        if self._publisher is None:
+            # a separate channel: a failed declare or publish closes it, never the one holding the message
+            self._publisher = self._connection.channel()
+            self._publisher.confirm_delivery()
+        original = self.properties
+        properties = BasicProperties(
+            content_type=original.content_type,
+            content_encoding=original.content_encoding,
+            headers=headers,
+            delivery_mode=PERSISTENT,
+            priority=original.priority,
+            correlation_id=original.correlation_id,
+            message_id=original.message_id,
+            timestamp=original.timestamp,
+            type=original.type,
+            app_id=original.app_id,
+        )
+        self._publisher.basic_publish(EXCHANGE, key, self.body, properties=properties, mandatory=True)
+
+    def _ensure_dead_letter_queue(self, dead_letter: str) -> None:
+        """Our ``<queue>_rejected``: durable, bound beside the client's queue; never re-declared with other flags."""
+        _declare_unless_present(
+            self._connection,
+            lambda channel: channel.exchange_declare(EXCHANGE, passive=True),
+            # identical to the client's declaration; only reached when no client has made it yet
+            lambda channel: channel.exchange_declare(EXCHANGE, "topic", durable=True, auto_delete=True),
+        )
+        channel = _declare_unless_present(
+            self._connection,
+            lambda channel: channel.queue_declare(dead_letter, passive=True),
+            lambda channel: channel.queue_declare(dead_letter, durable=True),
+        )
+        channel.queue_bind(dead_letter, EXCHANGE, routing_key=routing_key(dead_letter))
+        channel.close()
+
+
+def _declare_unless_present(
+    connection: pika.BlockingConnection,
+    passive: Callable[[BlockingChannel], object],
+    create: Callable[[BlockingChannel], object],
+) -> BlockingChannel:
+    """Run ``passive`` on a fresh channel; on 404 run ``create`` on another. Returns the open channel."""
+    channel = connection.channel()
+    try:
+        passive(channel)
+        return channel
+    except pika.exceptions.ChannelClosedByBroker as error:
+        if error.reply_code != 404:
+            raise
+    channel = connection.channel()
+    create(channel)
+    return channel
+
+
+def _split_credentials(url: str, fallback: tuple[str, str]) -> tuple[str, str | None]:
+    """The URL without user info, and a Basic auth header from it (or from the AMQP URL)."""
+    parts = urlsplit(url)
+    user, password = (unquote(parts.username), unquote(parts.password or "")) if parts.username else fallback
+    host = parts.hostname or "localhost"
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    base = urlunsplit((parts.scheme or "http", netloc, parts.path.rstrip("/"), "", ""))
+    auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode() if user else None
+    return base, auth
+
+
+def _as_int(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _close_quietly(connection: pika.BlockingConnection) -> None:
+    try:
+        if connection.is_open:
+            connection.close()
+    except Exception:  # a dead socket is already what we wanted
+        log.debug("closing a RabbitMQ connection failed", exc_info=True)

@@ -1,0 +1,274 @@
+"""RabbitMQ transport against a real broker, with queues set up exactly as the StudioML client does."""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.request
+import uuid
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import pika
+import pytest
+from studio_runner.queues.base import DeliveryLost
+from studio_runner.queues.rabbitmq import (
+    ATTEMPTS_HEADER,
+    LAST_FAILURE_HEADER,
+    REASON_HEADER,
+    REJECTED_AT_HEADER,
+    REJECTED_QUEUE_HEADER,
+    RabbitMQTransport,
+    management_url_for,
+)
+from studio_runner.service import QueueMatcher
+
+from devtools.services import Endpoints
+
+EXCHANGE = "StudioML.topic"
+
+
+# --- the client's side, as observed (shared/spec/STUDIOML_CLIENT.md) ------------------------------
+def client_publish(amqp_url: str, queue: str, body: bytes, *, persistent: bool = False) -> None:
+    """Declare, bind and publish with the flags the real ``studio run`` uses."""
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        channel = connection.channel()
+        channel.exchange_declare(EXCHANGE, "topic", durable=True, auto_delete=True)
+        channel.queue_declare(queue, durable=persistent)
+        channel.queue_bind(queue, EXCHANGE, routing_key=f"StudioML.{queue}")
+        channel.confirm_delivery()
+        properties = pika.BasicProperties(
+            content_type="application/json", app_id="studioml", delivery_mode=2 if persistent else 1
+        )
+        channel.basic_publish(EXCHANGE, f"StudioML.{queue}", body, properties=properties, mandatory=True)
+    finally:
+        connection.close()
+
+
+def management(services: Endpoints, path: str, method: str = "GET") -> Any:
+    parts = urlsplit(services.amqp_management_url)
+    request = urllib.request.Request(f"http://{parts.hostname}:{parts.port}{path}", method=method)
+    token = base64.b64encode(f"{parts.username}:{parts.password}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        text = answer.read()
+    return json.loads(text) if text else None
+
+
+def unique(stem: str = "rmq_t") -> str:
+    return f"{stem}_{uuid.uuid4().hex[:10]}"
+
+
+def wait_for(check, timeout: float = 15.0, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="module")
+def transport(services: Endpoints) -> RabbitMQTransport:
+    return RabbitMQTransport(services.amqp_url, services.amqp_management_url)
+
+
+# --- discovery ----------------------------------------------------------------------------------
+def test_discovery_lists_queues_bound_to_the_studio_exchange(
+    services: Endpoints, transport: RabbitMQTransport
+) -> None:
+    work, other = unique(), unique()
+    client_publish(services.amqp_url, work, b"{}")
+    client_publish(services.amqp_url, f"{work}_response", b"{}")
+    client_publish(services.amqp_url, other, b"{}", persistent=True)
+    # bound with another routing-key prefix, or not bound at all: not StudioML queues
+    connection = pika.BlockingConnection(pika.URLParameters(services.amqp_url))
+    channel = connection.channel()
+    channel.queue_declare(f"{work}_elsewhere")
+    channel.queue_bind(f"{work}_elsewhere", EXCHANGE, routing_key=f"Other.{work}_elsewhere")
+    channel.queue_declare(f"{work}_unbound")
+    connection.close()
+    delivery = transport.get(other)
+    delivery.reject("makes the dead-letter queue")
+
+    names = set(transport.discover())
+    assert {work, f"{work}_response", other, f"{other}_rejected"} <= names
+    assert f"{work}_elsewhere" not in names and f"{work}_unbound" not in names
+    matcher = QueueMatcher()
+    assert {work, other} <= {n for n in names if matcher(n)}
+    assert {f"{work}_response", f"{other}_rejected"}.isdisjoint(n for n in names if matcher(n))
+    assert work not in {n for n in names if QueueMatcher(mismatch=work)(n)}
+    assert transport.exists(work) and not transport.exists(unique())
+
+
+def test_management_url_is_derived_from_the_amqp_url() -> None:
+    assert management_url_for("amqp://u:p@host:5672/%2f") == "http://u:p@host:15672"
+    assert management_url_for("amqps://u:p@host/vh") == "https://u:p@host:15671"
+
+
+# --- settling -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("persistent", [False, True], ids=["transient", "persistent"])
+def test_get_then_ack(services: Endpoints, transport: RabbitMQTransport, persistent: bool) -> None:
+    queue = unique()
+    client_publish(services.amqp_url, queue, b'{"experiment": {}}', persistent=persistent)
+    delivery = transport.get(queue)
+    assert (delivery.queue, delivery.body, delivery.attempts, delivery.redelivered) == (
+        queue,
+        b'{"experiment": {}}',
+        1,
+        False,
+    )
+    assert delivery.properties.app_id == "studioml"
+    assert transport.get(queue) is None  # held by us
+    delivery.ack()
+    assert transport.get(queue) is None
+    assert transport.get(unique()) is None  # a queue that does not exist is simply empty
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["transient", "persistent"])
+def test_requeue_retry_and_reject_keep_the_clients_declarations(
+    services: Endpoints, transport: RabbitMQTransport, persistent: bool
+) -> None:
+    queue = unique()
+    client_publish(services.amqp_url, queue, b"request", persistent=persistent)
+
+    transport.get(queue).requeue()
+    again = transport.get(queue)
+    assert (again.body, again.attempts, again.redelivered) == (b"request", 1, True)
+
+    again.retry("failed: exit code 1")
+    retried = transport.get(queue)
+    assert (retried.body, retried.attempts) == (b"request", 2)
+    assert retried.headers[LAST_FAILURE_HEADER] == "failed: exit code 1"
+    assert retried.properties.content_type == "application/json"
+    retried.retry("failed: exit code 1")
+    third = transport.get(queue)
+    assert third.attempts == 3
+
+    third.reject("failed after 3 attempts: failed: exit code 1")
+    assert transport.get(queue) is None
+    dead = transport.get(f"{queue}_rejected")
+    assert dead.body == b"request"
+    assert dead.headers[REASON_HEADER] == "failed after 3 attempts: failed: exit code 1"
+    assert dead.headers[REJECTED_QUEUE_HEADER] == queue
+    assert dead.headers[REJECTED_AT_HEADER]
+    assert dead.headers[ATTEMPTS_HEADER] == 3
+    dead.ack()
+
+    # the client re-declares on every submit; it must still find its own flags
+    client_publish(services.amqp_url, queue, b"next", persistent=persistent)
+    info = management(services, f"/api/queues/%2F/{quote(queue)}")
+    assert (info["durable"], info["auto_delete"], info["arguments"]) == (persistent, False, {})
+    exchange = management(services, f"/api/exchanges/%2F/{EXCHANGE}")
+    assert (exchange["type"], exchange["durable"], exchange["auto_delete"]) == ("topic", True, True)
+    dead_letter = management(services, f"/api/queues/%2F/{quote(queue)}_rejected")
+    assert dead_letter["durable"] is True
+    transport.get(queue).ack()
+
+
+def test_a_delivery_belongs_to_the_thread_that_received_it(
+    services: Endpoints, transport: RabbitMQTransport
+) -> None:
+    queue = unique()
+    client_publish(services.amqp_url, queue, b"x")
+    delivery = transport.get(queue)
+    errors: list[BaseException] = []
+
+    def settle_elsewhere() -> None:
+        try:
+            delivery.ack()
+        except BaseException as error:
+            errors.append(error)
+
+    other = threading.Thread(target=settle_elsewhere)
+    other.start()
+    other.join()
+    assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
+    assert "thread" in str(errors[0])
+    delivery.ack()
+    assert transport.get(queue) is None
+
+
+# --- holding ------------------------------------------------------------------------------------
+def test_a_held_delivery_outlives_the_heartbeat_interval(services: Endpoints) -> None:
+    transport = RabbitMQTransport(services.amqp_url + "?heartbeat=2", services.amqp_management_url)
+    queue = unique()
+    client_publish(services.amqp_url, queue, b"long run")
+    delivery = transport.get(queue)
+    done = threading.Event()
+    timer = threading.Timer(6.0, done.set)  # three heartbeat intervals
+    timer.start()
+    delivery.hold_until(done)
+    delivery.ack()  # raises if the broker had dropped the connection
+    assert transport.get(queue) is None
+
+
+def test_a_lost_connection_fails_the_settle_and_the_message_returns(
+    services: Endpoints, transport: RabbitMQTransport
+) -> None:
+    queue = unique()
+    client_publish(services.amqp_url, queue, b"keep me")
+    delivery = transport.get(queue)
+
+    def ours() -> list[str]:
+        return [
+            c["name"]
+            for c in management(services, "/api/connections")
+            if c.get("client_properties", {}).get("connection_name") == f"studio-runner {queue}"
+        ]
+
+    names = wait_for(ours)
+    assert names, "the delivery's connection should show up in the management API"
+    for name in names:
+        management(services, f"/api/connections/{quote(name, safe='')}", method="DELETE")
+    done = threading.Event()
+    threading.Timer(1.0, done.set).start()
+    delivery.hold_until(done)
+    with pytest.raises(DeliveryLost):
+        delivery.ack()
+    delivery.close()
+
+    again = wait_for(lambda: transport.get(queue))
+    assert again.body == b"keep me" and again.redelivered
+    again.ack()
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from studio_runner.queues.rabbitmq import RabbitMQTransport
+    delivery = RabbitMQTransport(sys.argv[1], sys.argv[2]).get(sys.argv[3])
+    print("held" if delivery else "empty", flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_a_killed_holder_makes_the_message_redeliverable(
+    services: Endpoints, transport: RabbitMQTransport
+) -> None:
+    queue = unique()
+    client_publish(services.amqp_url, queue, b"survives a crash", persistent=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, services.amqp_url, services.amqp_management_url, queue],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert transport.get(queue) is None
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        holder.stdout.close()
+    delivery = wait_for(lambda: transport.get(queue))
+    assert delivery is not None
+    assert (delivery.body, delivery.redelivered, delivery.attempts) == (b"survives a crash", True, 1)
+    delivery.ack()

@@ -1,0 +1,215 @@
+"""SQS transport against a real moto server, with credential sets laid out as ``--sqs-certs`` expects."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+from studio_runner.queues.sqs import (
+    ATTEMPTS_ATTRIBUTE,
+    LAST_FAILURE_ATTRIBUTE,
+    REASON_ATTRIBUTE,
+    REJECTED_AT_ATTRIBUTE,
+    REJECTED_QUEUE_ATTRIBUTE,
+    SqsTransport,
+)
+from studio_runner.service import QueueMatcher
+
+from devtools.services import Endpoints
+
+
+def unique(stem: str = "sqs_t") -> str:
+    return f"{stem}_{uuid.uuid4().hex[:10]}"
+
+
+def credential_set(certs: Path, name: str, region: str) -> None:
+    folder = certs / name
+    folder.mkdir(parents=True)
+    (folder / "credentials").write_text(
+        "[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n"
+    )
+    (folder / "config").write_text(f"[default]\nregion = {region}\n")
+
+
+def sqs_client(services: Endpoints, region: str | None = None):
+    return boto3.client(
+        "sqs",
+        endpoint_url=services.sqs_endpoint,
+        region_name=region or services.region,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
+@pytest.fixture
+def certs(tmp_path: Path, services: Endpoints) -> Path:
+    folder = tmp_path / "certs"
+    credential_set(folder, "main", services.region)
+    return folder
+
+
+@pytest.fixture
+def transport(services: Endpoints, certs: Path) -> SqsTransport:
+    return SqsTransport(certs_dir=certs, endpoint_url=services.sqs_endpoint, wait_seconds=0)
+
+
+@pytest.fixture
+def queue(services: Endpoints) -> str:
+    name = unique()
+    sqs_client(services).create_queue(QueueName=name)
+    return name
+
+
+def send(services: Endpoints, queue: str, body: str, region: str | None = None) -> None:
+    client = sqs_client(services, region)
+    client.send_message(QueueUrl=client.get_queue_url(QueueName=queue)["QueueUrl"], MessageBody=body)
+
+
+def test_discovery_lists_sqs_queues_and_the_matcher_picks_work_queues(
+    services: Endpoints, transport: SqsTransport, queue: str
+) -> None:
+    client = sqs_client(services)
+    for name in (f"{queue}_response", f"{queue}_rejected", f"other_{queue}"):
+        client.create_queue(QueueName=name)
+    names = set(transport.discover())
+    assert {queue, f"{queue}_response", f"{queue}_rejected"} <= names
+    assert f"other_{queue}" not in names  # listed with the sqs_ prefix only
+    matched = {n for n in names if QueueMatcher()(n)}
+    assert queue in matched and {f"{queue}_response", f"{queue}_rejected"}.isdisjoint(matched)
+    assert queue not in {n for n in names if QueueMatcher(mismatch=queue)(n)}
+    assert transport.exists(queue) and not transport.exists(unique())
+    assert transport.get(unique()) is None
+
+
+def test_credential_sets_are_rescanned_and_each_account_is_served(
+    services: Endpoints, transport: SqsTransport, certs: Path
+) -> None:
+    name = unique()
+    sqs_client(services).create_queue(QueueName=name)
+    sqs_client(services, "eu-west-1").create_queue(QueueName=name)
+    send(services, name, "from us-east-1")
+    send(services, name, "from eu-west-1", region="eu-west-1")
+
+    assert name in transport.discover()
+    first = transport.get(name)
+    assert first.body == b"from us-east-1"
+    first.ack()
+    assert transport.get(name) is None  # the second set is not known yet
+
+    credential_set(certs, "europe", "eu-west-1")
+    assert name in transport.discover()
+    bodies = set()
+    for _ in range(2):
+        if (delivery := transport.get(name)) is not None:
+            bodies.add(delivery.body)
+            delivery.ack()
+    assert bodies == {b"from eu-west-1"}
+
+
+def test_default_credential_chain(services: Endpoints, queue: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    transport = SqsTransport(endpoint_url=services.sqs_endpoint, region=services.region, wait_seconds=0)
+    assert queue in transport.discover()
+
+
+def test_get_then_ack(services: Endpoints, transport: SqsTransport, queue: str) -> None:
+    send(services, queue, '{"experiment": {}}')
+    delivery = transport.get(queue)
+    assert (delivery.queue, delivery.body, delivery.attempts, delivery.redelivered) == (
+        queue,
+        b'{"experiment": {}}',
+        1,
+        False,
+    )
+    assert transport.get(queue) is None  # invisible while held
+    delivery.ack()
+    assert transport.get(queue) is None
+
+
+def test_requeue_makes_it_visible_at_once(services: Endpoints, transport: SqsTransport, queue: str) -> None:
+    send(services, queue, "request")
+    transport.get(queue).requeue()
+    again = transport.get(queue)
+    assert (again.body, again.attempts, again.redelivered) == (b"request", 1, True)
+    again.ack()
+
+
+def test_retry_counts_attempts_and_reject_dead_letters(
+    services: Endpoints, transport: SqsTransport, queue: str
+) -> None:
+    send(services, queue, "request")
+    transport.get(queue).retry("failed: exit code 1")
+    retried = transport.get(queue)
+    assert (retried.body, retried.attempts, retried.redelivered) == (b"request", 2, False)
+    assert retried.headers[LAST_FAILURE_ATTRIBUTE] == "failed: exit code 1"
+
+    retried.reject("failed after 2 attempts: failed: exit code 1")
+    assert transport.get(queue) is None
+    dead = transport.get(f"{queue}_rejected")
+    assert dead.body == b"request"
+    assert dead.headers[REASON_ATTRIBUTE] == "failed after 2 attempts: failed: exit code 1"
+    assert dead.headers[REJECTED_QUEUE_ATTRIBUTE] == queue
+    assert dead.headers[REJECTED_AT_ATTRIBUTE]
+    assert dead.headers[ATTEMPTS_ATTRIBUTE] == "2"
+    dead.ack()
+
+
+def _receive_while(services: Endpoints, queue: str, until: threading.Event) -> list[str]:
+    """What another runner would receive from ``queue`` while ``until`` is not set."""
+    client = sqs_client(services)
+    url = client.get_queue_url(QueueName=queue)["QueueUrl"]
+    seen = []
+    while not until.is_set():
+        answer = client.receive_message(QueueUrl=url, VisibilityTimeout=0, WaitTimeSeconds=0)
+        seen += [m["Body"] for m in answer.get("Messages", [])]
+        time.sleep(0.2)
+    return seen
+
+
+def test_holding_extends_visibility_past_the_timeout(services: Endpoints, certs: Path, queue: str) -> None:
+    transport = SqsTransport(
+        certs_dir=certs, endpoint_url=services.sqs_endpoint, visibility_timeout=2, wait_seconds=0
+    )
+    send(services, queue, "long run")
+    delivery = transport.get(queue)
+    done = threading.Event()
+    threading.Timer(5.0, done.set).start()  # 2.5 visibility timeouts
+    seen: list[str] = []
+    watcher = threading.Thread(target=lambda: seen.extend(_receive_while(services, queue, done)))
+    watcher.start()
+    delivery.hold_until(done)
+    watcher.join()
+    assert seen == []
+    delivery.ack()
+    assert transport.get(queue) is None
+
+
+def test_holding_stops_extending_at_the_hold_limit(services: Endpoints, certs: Path, queue: str) -> None:
+    transport = SqsTransport(
+        certs_dir=certs,
+        endpoint_url=services.sqs_endpoint,
+        visibility_timeout=1,
+        wait_seconds=0,
+        max_hold_seconds=0.5,
+    )
+    send(services, queue, "too long")
+    delivery = transport.get(queue)
+    done = threading.Event()
+    holder = threading.Thread(target=delivery.hold_until, args=(done,))
+    holder.start()
+    client = sqs_client(services)
+    url = client.get_queue_url(QueueName=queue)["QueueUrl"]
+    deadline = time.monotonic() + 10
+    bodies: list[str] = []
+    while not bodies and time.monotonic() < deadline:
+        bodies = [
+            m["Body"] for m in client.receive_message(QueueUrl=url, WaitTimeSeconds=1).get("Messages", [])
+        ]
+    done.set()
+    holder.join()
+    assert bodies == ["too long"]
