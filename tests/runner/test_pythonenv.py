@@ -25,8 +25,8 @@ from studio_runner.pythonenv import (
 )
 from studio_runner.request import decode_request
 
-# shared/ lies beside the repository, here and in CI
-EXAMPLES = Path(__file__).resolve().parents[2].parent / "shared" / "spec" / "examples"
+# messages captured from the real studioml client
+EXAMPLES = Path(__file__).resolve().parents[1] / "data"
 PYENV_ROOT = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv")
 
 pytestmark = pytest.mark.timeout(300)
