@@ -6,6 +6,10 @@ undisturbed. A server that cannot start fails the session loudly; nothing is ski
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +19,33 @@ import pytest
 from botocore.config import Config
 
 from devtools.services import Endpoints, Ports, ServiceSet
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Airflow reads its configuration when first imported, so the private AIRFLOW_HOME (SQLite in a
+# temporary folder, the example DAGs as the dags folder) must be in place before any test module
+# imports it. Subprocesses (`airflow dags test`, `studio-runner`) inherit the same settings.
+_AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="studio-airflow-home-"))
+os.environ.update(
+    {
+        "AIRFLOW_HOME": str(_AIRFLOW_HOME),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "True",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_AIRFLOW_HOME / 'airflow.db'}",
+    }
+)
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """A migrated Airflow metadata database, created once for the tests that need one."""
+    result = subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"airflow db migrate failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
+    return _AIRFLOW_HOME
 
 
 @pytest.fixture(scope="session")
@@ -53,4 +84,4 @@ def bucket(s3_client) -> str:
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+    return REPO_ROOT

@@ -1,0 +1,43 @@
+# Everything a fresh machine needs: `make demo` runs the ENN example end to end,
+# `make test` runs the test suite. Both set up what is missing first.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+UV := $(BIN)/uv
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint services services-stop bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml runner_image/pyproject.toml constraints.txt
+	@echo "==> creating $(VENV) and installing the provider, the runner and test tools"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv>=0.5"
+	@$(UV) pip install --quiet --python $(BIN)/python --constraint constraints.txt \
+		--editable runner_image --editable ".[dev]"
+	@touch $@
+
+demo: setup
+	@$(BIN)/python -m devtools.demo
+
+test: setup
+	@$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	@$(BIN)/ruff check runner_image airflow_provider_studio dags devtools tests bench
+
+services: setup
+	@$(BIN)/python -m devtools.services start
+
+services-stop:
+	@test ! -x $(BIN)/python || $(BIN)/python -m devtools.services stop
+
+bench: setup
+	@$(BIN)/python bench/runner_overhead.py
+	@$(BIN)/python bench/scrape_collect.py
+
+clean: services-stop
+	rm -rf $(VENV) .local .cache
