@@ -291,7 +291,7 @@ class ArtifactSet:
                 log.error("experiment %s: %s", self.request.key, error)
             first = errors[0]
             raise ArtifactError(first.label, first.uri, first.reason, others=len(errors) - 1)
-        results.update(self._upload_metadata())
+        results.update(self.upload_metadata())
         log.info(
             "uploaded %d results of %s in %.2fs", len(results), self.request.key, time.monotonic() - started
         )
@@ -365,7 +365,7 @@ class ArtifactSet:
         log.info("uploaded %s to %s", label, self.uri(label))
         return self.uri(label)
 
-    def _upload_metadata(self) -> dict[str, str]:
+    def upload_metadata(self) -> dict[str, str]:
         """Each file under ``_metadata/`` as its own object, ``metadata/<relative path>``."""
         folder = self.layout.metadata_dir
         if self._metadata_target("") is None or not folder.is_dir():
@@ -377,8 +377,8 @@ class ArtifactSet:
             for name in sorted(files):
                 path = Path(current) / name
                 relative = path.relative_to(folder).as_posix()
-                if path.is_symlink() or not path.is_file() or path.stat().st_size == 0:
-                    continue  # empty scrape results are not published
+                if name.startswith(".") or path.is_symlink() or not path.is_file() or path.stat().st_size == 0:
+                    continue  # half-written (dot) files and empty scrape results are not published
                 location, key = self._metadata_target(relative)  # type: ignore[misc]
                 content_type = "application/json" if name.endswith(".json") else "application/octet-stream"
                 try:

@@ -5,6 +5,8 @@ forever and an expired request cycled until every runner refused it. Here each e
 to one disposition: success is acked; conditions another attempt can fix (runner shutting
 down, resources busy, storage briefly gone) requeue without counting; workload failures
 retry a bounded number of times; everything else is dead-lettered with its reason.
+Storage and environment trouble counts as a workload failure: a missing workspace or an
+uninstallable package looks the same as a brief outage from here, and bounded retries serve both.
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ class Status(str, enum.Enum):
     FAILED = "failed"  # the workload exited non-zero
     TIMED_OUT = "timed_out"  # max_duration reached; the process group was killed
     EXPIRED = "expired"  # experimentLifetime passed before or during the run
-    INVALID = "invalid"  # not a runnable request (decode, artifacts that cannot exist, venv that cannot build)
+    INVALID = (
+        "invalid"  # not a runnable request (decode, artifacts that cannot exist, venv that cannot build)
+    )
     INFRASTRUCTURE = "infrastructure_error"  # storage or environment trouble another attempt may not have
     INTERRUPTED = "interrupted"  # the runner was told to stop; someone else should take it
+    NO_CAPACITY = "no_capacity"  # the request does not fit this runner's free resources now
 
 
 class Disposition(str, enum.Enum):
@@ -41,6 +46,7 @@ EXIT_CODES = {
     Status.EXPIRED: 4,
     Status.INFRASTRUCTURE: 5,
     Status.INTERRUPTED: 6,
+    Status.NO_CAPACITY: 7,
 }
 """``studio-runner run`` exit codes, so an Airflow task or pod can tell the cases apart."""
 
@@ -52,6 +58,7 @@ _DISPOSITIONS = {
     Status.INVALID: Disposition.REJECT,
     Status.INFRASTRUCTURE: Disposition.RETRY,
     Status.INTERRUPTED: Disposition.REQUEUE,
+    Status.NO_CAPACITY: Disposition.REQUEUE,
 }
 
 

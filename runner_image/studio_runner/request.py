@@ -70,9 +70,7 @@ class _Wire(BaseModel):
 
 class AwsCredentials(_Wire):
     access_key: str = ""
-    secret_access_key: str = Field(
-        "", validation_alias=AliasChoices("secret_access_key", "secret_key")
-    )
+    secret_access_key: str = Field("", validation_alias=AliasChoices("secret_access_key", "secret_key"))
     region: str | None = None
 
     @property
@@ -219,7 +217,10 @@ class Config(_Wire):
     @classmethod
     def _env_values_as_text(cls, value: Any) -> Any:
         if isinstance(value, dict):
-            return {str(k): "" if v is None else (json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for k, v in value.items()}
+            return {
+                str(k): "" if v is None else (json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+                for k, v in value.items()
+            }
         return value
 
     @property
@@ -272,7 +273,9 @@ class Request(_Wire):
                 region=env.get("AWS_DEFAULT_REGION") or None,
             )
         storage_aws = ((self.config.storage or {}).get("credentials") or {}).get("aws")
-        if isinstance(storage_aws, dict) and (storage_aws.get("access_key") or storage_aws.get("secret_access_key")):
+        if isinstance(storage_aws, dict) and (
+            storage_aws.get("access_key") or storage_aws.get("secret_access_key")
+        ):
             return AwsCredentials.model_validate(storage_aws)
         return None
 
@@ -302,7 +305,9 @@ class ArtifactLocation:
         segments = [unquote(s) for s in parts.path.split("/") if s]
         derived_bucket = segments[0] if segments else ""
         derived_key = "/".join(segments[1:])
-        location = cls(scheme=scheme, host=parts.netloc, bucket=bucket or derived_bucket, key=key or derived_key)
+        location = cls(
+            scheme=scheme, host=parts.netloc, bucket=bucket or derived_bucket, key=key or derived_key
+        )
         if not location.bucket or not location.key:
             raise ValueError(f"artifact URI {qualified!r} names no bucket and key")
         return location
@@ -383,8 +388,12 @@ def _describe(error: ValidationError) -> str:
     return "invalid request: " + "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
 
 
-_SECRET_NAME = re.compile(r"(secret|password|passwd|token|api_?key|private|credential|access_key)", re.IGNORECASE)
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]+)@", re.IGNORECASE)
+_SECRET_NAME = re.compile(
+    r"(secret|password|passwd|token|api_?key|private|credential|access_key)", re.IGNORECASE
+)
+_URL_PASSWORD = re.compile(
+    r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]+)@", re.IGNORECASE
+)
 REDACTED = "***"
 
 

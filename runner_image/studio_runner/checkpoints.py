@@ -1,0 +1,41 @@
+"""Periodic checkpoint uploads while a workload runs, so a lost node loses minutes, not hours."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from types import TracebackType
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    """Runs ``action`` every ``period`` seconds on a background thread until the block ends.
+
+    A failed checkpoint is logged and the next one tried as planned: the final upload after the
+    workload ends is the one that decides whether results are safe.
+    """
+
+    def __init__(self, period: float, action: Callable[[], object], *, name: str = "checkpoint") -> None:
+        self._period = period
+        self._action = action
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def __enter__(self) -> Checkpointer:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._period):
+            try:
+                self._action()
+            except Exception:
+                log.exception("checkpoint upload failed; the final upload will try again")

@@ -1,0 +1,340 @@
+"""``studio-runner``: ``serve`` drains StudioML queues, ``run`` runs exactly one request.
+
+Every option can also come from the environment under its upper-case name with dashes as
+underscores (``--amqp-url`` ↔ ``AMQP_URL``), as the upstream runner's options did, so a
+Kubernetes ConfigMap can configure the runner without touching its command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import logs
+from .cache import DownloadCache
+from .experiment import ExperimentRunner
+from .gpus import inventory, parse_slot_overrides, visible_devices_from_env
+from .outcome import EXIT_CODES, Outcome, Status
+from .pythonenv import VirtualenvCache
+from .request import RequestError, decode_request
+from .resources import ResourcePool
+from .storage import Storage, StorageSettings
+from .units import parse_duration, parse_size
+
+log = logging.getLogger("studio_runner")
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def _env_name(option: str) -> str:
+    return option.lstrip("-").upper().replace("-", "_")
+
+
+def _add(
+    parser: argparse.ArgumentParser,
+    option: str,
+    *,
+    default: Any = None,
+    kind: Callable[[str], Any] = str,
+    help: str,
+    flag: bool = False,
+) -> None:
+    """An option whose default comes from its environment variable."""
+    env = _env_name(option)
+    raw = os.environ.get(env)
+    if flag:
+        value = raw.strip().lower() in _TRUE if raw is not None else bool(default)
+        parser.add_argument(
+            option, action=argparse.BooleanOptionalAction, default=value, help=f"{help} [{env}]"
+        )
+        return
+    value = kind(raw) if raw not in (None, "") else default
+    parser.add_argument(option, type=kind, default=value, help=f"{help} [{env}]")
+
+
+def _seconds(text: str) -> float:
+    """Durations as Go writes them (``90s``, ``5m``) or plain seconds."""
+    try:
+        return float(text)
+    except ValueError:
+        return parse_duration(text)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name for name in text.replace(",", " ").split() if name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("experiments")
+    default_root = Path(os.environ.get("TMPDIR") or tempfile.gettempdir()) / "studio-runner"
+    _add(group, "--working-dir", default=default_root, kind=Path, help="folder for experiment attempts")
+    _add(
+        group,
+        "--cache-dir",
+        kind=Path,
+        help="download cache and virtualenv cache folder (default: inside the working dir)",
+    )
+    _add(group, "--cache-size", default=10 * 1024**3, kind=parse_size, help="download cache size, e.g. 20GiB")
+    _add(group, "--max-cores", default=0, kind=int, help="cores offered to experiments (0: all)")
+    _add(group, "--max-mem", default=0, kind=parse_size, help="RAM offered to experiments (0: all)")
+    _add(
+        group,
+        "--max-disk",
+        default=0,
+        kind=parse_size,
+        help="disk offered to experiments (0: 85%% of free space)",
+    )
+    _add(group, "--cpu-only", default=False, flag=True, help="refuse GPU work even when GPUs are present")
+    _add(
+        group,
+        "--gpu-slots",
+        default=(),
+        kind=_names,
+        help="slots per GPU model for cards the table lacks, e.g. 'H100=80'",
+    )
+    _add(
+        group,
+        "--job-env",
+        default=(),
+        kind=_names,
+        help="names of runner environment variables passed to workloads",
+    )
+    _add(
+        group,
+        "--grace-period",
+        default=30.0,
+        kind=_seconds,
+        help="how long a stopping workload gets before SIGKILL",
+    )
+    _add(
+        group,
+        "--schema-logs",
+        default=True,
+        flag=True,
+        help="record plain console lines in the scrape document",
+    )
+    _add(group, "--s3-https", default=False, flag=True, help="use HTTPS for non-AWS s3://host:port endpoints")
+    _add(group, "--s3-ca", help="CA bundle for HTTPS object stores")
+    _add(group, "--debug", default=False, flag=True, help="keep experiment folders and log at debug level")
+    _add(group, "--log-format", default="json", help="'json' (one event per line) or 'text'")
+
+    parser = argparse.ArgumentParser(prog="studio-runner", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", parents=[common], help="take experiments from queues until stopped")
+    queues = serve.add_argument_group("queues")
+    _add(queues, "--amqp-url", help="RabbitMQ URL, e.g. amqp://user:password@host:5672/%%2f")
+    _add(queues, "--amqp-mgt-url", help="RabbitMQ management URL (default: AMQP port + 10000)")
+    _add(
+        queues,
+        "--queue-match",
+        default=r"^(rmq|sqs|local)_.*$",
+        help="regular expression a queue name must match",
+    )
+    _add(queues, "--queue-mismatch", help="regular expression a queue name must not match")
+    _add(queues, "--queue-root", kind=Path, help="folder whose sub-folders are local_ queues")
+    _add(queues, "--sqs-certs", kind=Path, help="folder of AWS credential sets, one sub-folder each")
+    _add(queues, "--sqs-endpoint", help="SQS endpoint URL (for SQS-compatible servers)")
+    _add(queues, "--sqs-region", help="SQS region when no credential set names one")
+    _add(
+        queues,
+        "--max-attempts",
+        default=3,
+        kind=int,
+        help="attempts before a failing experiment is dead-lettered",
+    )
+    _add(queues, "--limit-tasks", default=0, kind=int, help="exit after this many experiments (0: no limit)")
+    _add(
+        queues,
+        "--limit-idle-duration",
+        default=0.0,
+        kind=_seconds,
+        help="exit after this long with no work (0: never)",
+    )
+
+    run = commands.add_parser("run", parents=[common], help="run one request and exit with its status")
+    one = run.add_argument_group("request")
+    _add(one, "--request", help="request file, or '-' for standard input")
+    _add(one, "--request-json", help="the request itself, as JSON (for a pod's environment)")
+    _add(one, "--result-file", kind=Path, help="where to write the JSON result summary")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.configure(fmt=args.log_format, debug=args.debug)
+    try:
+        if args.command == "run":
+            return _run(args)
+        return _serve(args)
+    except _UsageError as error:
+        print(f"studio-runner: error: {error}", file=sys.stderr)
+        return EXIT_CODES[Status.INVALID]
+
+
+class _UsageError(Exception):
+    """Bad options or configuration: said plainly, no traceback."""
+
+
+def _runner(args: argparse.Namespace, *, serve: bool) -> ExperimentRunner:
+    working_dir: Path = args.working_dir
+    cache_dir: Path = args.cache_dir or working_dir / "cache"
+    try:
+        working_dir.mkdir(parents=True, exist_ok=True)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _UsageError(f"cannot create {error.filename}: {error.strerror}") from None
+    gpus = (
+        [] if args.cpu_only else inventory(visible_devices_from_env(), parse_slot_overrides(args.gpu_slots))
+    )
+    try:
+        pool = ResourcePool.from_host(
+            max_cores=args.max_cores,
+            max_mem=args.max_mem,
+            max_disk=args.max_disk,
+            working_dir=working_dir,
+            cpu_only=args.cpu_only or not gpus,
+            gpus=gpus,
+        )
+    except ValueError as error:
+        raise _UsageError(str(error)) from None
+    settings = StorageSettings(
+        https=args.s3_https,
+        ca_bundle=args.s3_ca,
+        default_region=os.environ.get("AWS_DEFAULT_REGION") or StorageSettings.default_region,
+    )
+    return ExperimentRunner(
+        working_dir=working_dir,
+        storage=Storage(settings),
+        venvs=VirtualenvCache(cache_dir / "venvs"),
+        resources=pool,
+        cache=DownloadCache(cache_dir / "downloads", args.cache_size),
+        schema_logs=args.schema_logs,
+        keep_workdirs=args.debug,
+        env_passthrough=args.job_env,
+        grace_seconds=args.grace_period,
+        retval_refresh_seconds=5.0 if serve else None,
+        on_line=None if serve else _print_line,
+    )
+
+
+def _print_line(line: str) -> None:
+    """``run`` mode: the experiment's console goes to stdout, where pod and task logs read it."""
+    sys.stdout.write(line if line.endswith("\n") else line + "\n")
+    sys.stdout.flush()
+
+
+# --- run ----------------------------------------------------------------------------------
+def _run(args: argparse.Namespace) -> int:
+    body = _read_request(args)
+    try:
+        request = decode_request(body)
+    except RequestError as error:
+        outcome = Outcome(Status.INVALID, reason=str(error))
+    else:
+        runner = _runner(args, serve=False)
+        cancel = threading.Event()
+        _on_stop_signals(lambda: cancel.set())
+        with logs.bound(experiment=request.key):
+            log.info("running experiment %s", request.key)
+            outcome = runner.run(request, cancel=cancel)
+    summary = outcome.summary()
+    log.log(
+        logging.INFO if outcome.status is Status.SUCCEEDED else logging.ERROR,
+        "experiment %s %s%s",
+        outcome.key or "?",
+        outcome.status.value,
+        f": {outcome.reason}" if outcome.reason else "",
+    )
+    if args.result_file is not None:
+        args.result_file.parent.mkdir(parents=True, exist_ok=True)
+        args.result_file.write_text(json.dumps(summary, indent=1) + "\n")
+    return outcome.process_exit_code
+
+
+def _read_request(args: argparse.Namespace) -> bytes:
+    if args.request_json:
+        return args.request_json.encode()
+    if args.request in (None, ""):
+        raise _UsageError("give the request with --request FILE, --request - (stdin) or --request-json")
+    if args.request == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(args.request).read_bytes()
+    except OSError as error:
+        raise _UsageError(f"cannot read request file {args.request}: {error.strerror}") from None
+
+
+def _on_stop_signals(stop: Callable[[], None]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop())
+
+
+# --- serve --------------------------------------------------------------------------------
+def _serve(args: argparse.Namespace) -> int:
+    from .queues import LocalDirTransport, RabbitMQTransport, SqsTransport
+    from .service import QueueMatcher, Service
+
+    transports = []
+    if args.amqp_url:
+        transports.append(RabbitMQTransport(args.amqp_url, args.amqp_mgt_url))
+    if args.sqs_certs or args.sqs_endpoint:
+        transports.append(
+            SqsTransport(certs_dir=args.sqs_certs, endpoint_url=args.sqs_endpoint, region=args.sqs_region)
+        )
+    if args.queue_root:
+        transports.append(LocalDirTransport(args.queue_root))
+    if not transports:
+        raise _UsageError("no queues to serve: give --amqp-url, --sqs-certs/--sqs-endpoint or --queue-root")
+    runner = _runner(args, serve=True)
+    wanted: dict[str, Any] = {}
+
+    def handle(body: bytes, queue: str, attempts: int, cancel: threading.Event) -> Outcome:
+        with logs.bound(queue=queue):
+            try:
+                request = decode_request(body)
+            except RequestError as error:
+                log.warning("rejecting a message from %s: %s", queue, error)
+                return Outcome(Status.INVALID, reason=str(error))
+            wanted[queue] = request.experiment.resources_needed
+            with logs.bound(experiment=request.key):
+                log.info("experiment %s from %s (attempt %d)", request.key, queue, attempts)
+                outcome = runner.run(request, cancel=cancel)
+                log.info(
+                    "experiment %s %s%s",
+                    request.key,
+                    outcome.status.value,
+                    f": {outcome.reason}" if outcome.reason else "",
+                )
+                return outcome
+
+    service = Service(
+        transports,
+        QueueMatcher(args.queue_match, args.queue_mismatch),
+        handle,
+        max_attempts=args.max_attempts,
+        limit_tasks=args.limit_tasks,
+        limit_idle_seconds=args.limit_idle_duration,
+        capacity=lambda queue: queue not in wanted or runner.resources.fits(wanted[queue]),
+    )
+    _on_stop_signals(lambda: service.stop(args.grace_period, wait=False))
+    log.info("serving %s", ", ".join(t.describe() for t in transports))
+    summary = service.run()
+    for transport in transports:
+        transport.close()
+    log.info("stopped (%s): %s", summary.ended_by, summary.statuses)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""One experiment attempt, start to end: the runner's straight path.
+
+decode → time limit → allocate resources → fetch artifacts → prepare the (cached) virtualenv
+→ run the job under its deadline → scrape metadata → upload results (``_metadata`` last)
+→ an ``Outcome`` whose disposition tells the queue what to do with the message.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .artifacts import ArtifactError, ArtifactSet
+from .cache import DownloadCache
+from .checkpoints import Checkpointer
+from .job import JobResult, run_job, write_job_script
+from .jobenv import job_environment, job_script_exports
+from . import logs
+from .layout import ExperimentLayout
+from .limits import TimeLimit, checkpoint_period, time_limit
+from .metadata import RunnerFacts, accession_id, scrape_file_name, write_scrape_file
+from .outcome import Outcome, Status
+from .pythonenv import PythonEnvError, VirtualenvCache, groom
+from .request import Request
+from .resources import Allocation, ResourcePool, ResourceUnavailable
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExperimentRunner:
+    """What every attempt on this runner shares: storage clients, caches and the resource pool."""
+
+    working_dir: Path
+    storage: Storage
+    venvs: VirtualenvCache
+    resources: ResourcePool
+    cache: DownloadCache | None = None
+    host: str = field(default_factory=socket.gethostname)
+    schema_logs: bool = True
+    keep_workdirs: bool = False
+    env_passthrough: tuple[str, ...] = ()
+    grace_seconds: float = 30.0
+    retval_refresh_seconds: float | None = 5.0
+    """Re-upload ``retval`` this long after the results, for CompletionService clients that
+    record their submit time late (see STUDIOML_CLIENT.md); None to skip (``run`` mode)."""
+    on_line: Callable[[str], None] | None = None
+    """Receives every line of the experiment's console log (runner notes and workload output)."""
+
+    def run(self, request: Request, *, cancel: threading.Event | None = None) -> Outcome:
+        cancel = cancel or threading.Event()
+        started = time.time()
+        limit = time_limit(request, now=started)
+        if limit.expired:
+            return Outcome(
+                Status.EXPIRED, reason="experimentLifetime passed before the run started", key=request.key
+            )
+        try:
+            allocation = self.resources.allocate(request.experiment.resources_needed)
+        except ResourceUnavailable as error:
+            return Outcome(Status.NO_CAPACITY, reason=str(error), key=request.key)
+        with allocation:
+            layout = ExperimentLayout.create(self.working_dir, request.key)
+            attempt = _Attempt(self, request, layout, allocation, started)
+            try:
+                with logs.bound(experiment=request.key):
+                    return attempt.run(limit, cancel)
+            finally:
+                attempt.clean_up()
+
+
+class _Attempt:
+    """The state of one attempt, so each step below stays a few readable lines."""
+
+    def __init__(
+        self,
+        runner: ExperimentRunner,
+        request: Request,
+        layout: ExperimentLayout,
+        allocation: Allocation,
+        started: float,
+    ) -> None:
+        self.runner = runner
+        self.request = request
+        self.layout = layout
+        self.allocation = allocation
+        self.started = started
+        self.accession = accession_id(runner.host, started)
+        self.artifacts = ArtifactSet(request, layout, runner.storage, cache=runner.cache, note=self.note)
+        self.job_started: float | None = None
+        self._retval_pending = False
+
+    def note(self, line: str) -> None:
+        """A runner line in the experiment's own console log, so the user sees it in ``output``."""
+        with open(self.layout.output_file, "a", encoding="utf-8") as output:
+            output.write(f"studio-runner: {line}\n")
+        if self.runner.on_line is not None:
+            self.runner.on_line(f"studio-runner: {line}")
+
+    def run(self, limit: TimeLimit, cancel: threading.Event) -> Outcome:
+        status, reason, exit_code = self._execute(limit, cancel)
+        return self._finish(status, reason, exit_code)
+
+    def _execute(self, limit: TimeLimit, cancel: threading.Event) -> tuple[Status, str, int | None]:
+        request = self.request
+        deadline = time.monotonic() + limit.seconds
+        try:
+            self.note(f"experiment {request.key} attempt {self.accession} on {self.runner.host}")
+            self.artifacts.fetch_all()
+            requirements = groom(
+                request.experiment.pythonenv,
+                request.config.pip,
+                workspace=self.layout.workspace_dir,
+                gpu=bool(self.allocation.gpus),
+                warn=self.note,
+            )
+            venv = self.runner.venvs.ensure(request.experiment.pythonver, requirements, log=_debug)
+            for warning in venv.warnings:
+                self.note(warning)
+            self.note(
+                f"python environment {venv.key} ({'built' if venv.built else 'cached'}, {venv.seconds:.1f}s)"
+            )
+            allocation_env = self.allocation.env()
+            passthrough = self.runner.env_passthrough
+            script = write_job_script(
+                self.layout,
+                request,
+                python=venv.python,
+                exports=job_script_exports(request, allocation_env=allocation_env, passthrough=passthrough),
+            )
+            env = job_environment(
+                request, self.layout, venv=venv, allocation_env=allocation_env, passthrough=passthrough
+            )
+            with self.runner.venvs.in_use(venv), Checkpointer(checkpoint_period(request), self._checkpoint):
+                self.job_started = time.time()
+                result = run_job(
+                    script,
+                    env=env,
+                    cwd=self.layout.runner_dir,
+                    output_file=self.layout.output_file,
+                    deadline=deadline,
+                    cancel=cancel,
+                    grace_seconds=self.runner.grace_seconds,
+                    on_line=self.runner.on_line,
+                )
+        except ArtifactError as error:
+            return Status.INFRASTRUCTURE, str(error), None
+        except PythonEnvError as error:
+            self.note(f"python environment failed: {error}")
+            return Status.INFRASTRUCTURE, f"python environment failed: {error}", None
+        return _ending(result, limit)
+
+    def _checkpoint(self) -> None:
+        self._scrape(status="running", exit_code=None, stopped=None)
+        self.artifacts.checkpoint()
+        self.artifacts.upload_metadata()
+
+    def _scrape(self, *, status: str, exit_code: int | None, stopped: float | None) -> Path | None:
+        facts = RunnerFacts(
+            host=self.runner.host,
+            key=self.request.key,
+            project=self.request.project,
+            artifacts={
+                label: self.artifacts.uri(label)
+                for label, a in self.request.experiment.artifacts.items()
+                if a.qualified
+            },
+            load_time=self.started,
+            start_time=self.job_started,
+            stop_time=stopped,
+            status=status,
+            exit_code=exit_code,
+        )
+        return write_scrape_file(
+            self.layout.output_file,
+            self.layout.metadata_dir,
+            self.accession,
+            before=facts.before(),
+            after=facts.after(),
+            schema_logs=self.runner.schema_logs,
+        )
+
+    def _finish(self, status: Status, reason: str, exit_code: int | None) -> Outcome:
+        stopped = time.time()
+        if status is not Status.SUCCEEDED:
+            self.note(f"{status.value}: {reason}")
+        self._scrape(status=status.value, exit_code=exit_code, stopped=stopped)
+        outcome = Outcome(
+            status,
+            reason=reason,
+            key=self.request.key,
+            exit_code=exit_code,
+            duration_seconds=stopped - self.started,
+            scrape_uri=self.artifacts.scrape_uri(scrape_file_name(self.accession)),
+        )
+        try:
+            outcome.artifacts = self.artifacts.upload_results()
+        except ArtifactError as error:
+            outcome.results_saved = False
+            outcome.reason = (
+                f"{reason}; results not saved: {error}" if reason else f"results not saved: {error}"
+            )
+            return outcome
+        self._retval_pending = "retval" in outcome.artifacts
+        return outcome
+
+    def clean_up(self) -> None:
+        """Remove the attempt's folders, after one late ``retval`` refresh when one is due."""
+        if self.runner.keep_workdirs:
+            return
+        delay = self.runner.retval_refresh_seconds
+        if not self._retval_pending or delay is None:
+            self.layout.remove()
+            return
+
+        def refresh_then_remove() -> None:
+            try:
+                self.artifacts.refresh_retval()
+            except ArtifactError as error:
+                log.warning("late retval refresh for %s failed: %s", self.request.key, error)
+            finally:
+                self.layout.remove()
+
+        timer = threading.Timer(delay, refresh_then_remove)
+        timer.daemon = True
+        timer.start()
+
+
+def _ending(result: JobResult, limit: TimeLimit) -> tuple[Status, str, int | None]:
+    if result.cancelled:
+        return (
+            Status.INTERRUPTED,
+            "the runner is stopping; the experiment goes back to the queue",
+            result.exit_code,
+        )
+    if result.timed_out:
+        if limit.cause == "lifetime":
+            return Status.EXPIRED, "experimentLifetime ran out during the run", result.exit_code
+        return Status.TIMED_OUT, f"killed after max_duration ({limit.seconds:.0f}s)", result.exit_code
+    if result.exit_code == 0:
+        return Status.SUCCEEDED, "", 0
+    return Status.FAILED, f"the workload exited with status {result.exit_code}", result.exit_code
+
+
+def _debug(line: str) -> None:
+    log.debug("pip: %s", line)
