@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -216,7 +217,7 @@ def _runner(args: argparse.Namespace, *, serve: bool) -> ExperimentRunner:
     return ExperimentRunner(
         working_dir=working_dir,
         storage=Storage(settings),
-        venvs=VirtualenvCache(cache_dir / "venvs"),
+        venvs=VirtualenvCache(cache_dir / "venvs", passthrough=args.job_env, uv=_uv(args.installer)),
         resources=pool,
         cache=DownloadCache(cache_dir / "downloads", args.cache_size),
         schema_logs=args.schema_logs,
@@ -226,6 +227,19 @@ def _runner(args: argparse.Namespace, *, serve: bool) -> ExperimentRunner:
         retval_refresh_seconds=5.0 if serve else None,
         on_line=None if serve else _print_line,
     )
+
+
+def _uv(installer: str) -> Path | None:
+    """The uv binary to build virtualenvs with, or None for pip."""
+    if installer == "pip":
+        return None
+    beside = Path(sys.executable).parent / "uv"
+    found = beside if beside.exists() else shutil.which("uv")
+    if installer == "uv" and found is None:
+        raise _UsageError("--installer uv: no uv binary beside the runner or on PATH (pip install uv)")
+    if installer not in ("auto", "uv"):
+        raise _UsageError(f"--installer must be 'auto', 'pip' or 'uv', not {installer!r}")
+    return Path(found) if found else None
 
 
 def _print_line(line: str) -> None:

@@ -15,12 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import logs
 from .artifacts import ArtifactError, ArtifactSet
 from .cache import DownloadCache
 from .checkpoints import Checkpointer
 from .job import JobResult, run_job, write_job_script
 from .jobenv import job_environment, job_script_exports
-from . import logs
 from .layout import ExperimentLayout
 from .limits import TimeLimit, checkpoint_period, time_limit
 from .metadata import RunnerFacts, accession_id, scrape_file_name, write_scrape_file

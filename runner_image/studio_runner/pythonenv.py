@@ -8,9 +8,10 @@ Build method (measured on the 75-line freeze of ``completion_service_task.json``
 ``python -m venv`` with ensurepip costs about 4 s before the first package, while
 ``python -m venv --without-pip`` takes 0.07 s and the runner's own pip then installs into it
 with ``pip --python <venv python>``; the install itself (25-30 s, mostly downloads and
-unpacking) is the same either way. uv installs the same set in 4-7 s but does not read pip's
-configuration (index, find-links, constraints, certificates), so pip it is; the runner's pip
-only falls back to ensurepip for interpreters too old for it.
+unpacking) is the same either way. uv installs the same set in 4-7 s but reads its own
+configuration (``UV_INDEX_URL``...) rather than pip's, so it is opt-in: give the cache a ``uv``
+binary (``studio-runner --installer uv``, the default when uv is installed beside the runner, as
+in the runner image). The runner's pip falls back to ensurepip for interpreters too old for it.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ _PIP_ENV_NAMES = frozenset(
         "CUDA_PATH",
     }
 )
-_PIP_ENV_PREFIXES = ("PIP_", "XDG_", "LC_")
+_PIP_ENV_PREFIXES = ("PIP_", "UV_", "XDG_", "LC_")
 _PIP_ENV_REDIRECTS = frozenset({"PIP_TARGET", "PIP_PREFIX", "PIP_ROOT", "PIP_USER", "PIP_PYTHON", "PIP_SRC"})
 """Settings that would install somewhere other than the environment being built."""
 _PROXY_NAMES = frozenset({"http_proxy", "https_proxy", "no_proxy", "all_proxy"})
@@ -459,8 +460,10 @@ class VirtualenvCache:
         max_unused_days: float = 3.0,
         build_timeout: float = 3600.0,
         passthrough: Iterable[str] = (),
+        uv: Path | None = None,
     ) -> None:
         self.root = Path(root)
+        self.uv = uv
         self.max_unused_days = max_unused_days
         self.build_timeout = build_timeout
         self.passthrough = frozenset(passthrough)
@@ -614,7 +617,7 @@ class VirtualenvCache:
                 f"Python {interpreter.version} ({interpreter.path}) has no venv module; "
                 "this runner builds environments for Python 3 only"
             )
-        runner_pip = _runner_pip_supports(version)
+        runner_pip = self.uv is not None or _runner_pip_supports(version)
         env = self._pip_env()
         log(
             f"building virtualenv {key} with Python {interpreter.version} ({interpreter.path}), {len(requirements)} requirements"
@@ -628,21 +631,12 @@ class VirtualenvCache:
             python = building / "bin" / "python"
             (building / REQUIREMENTS).write_text("".join(f"{line}\n" for line in requirements))
             if requirements:
-                pip = (
-                    [sys.executable, "-m", "pip", "--python", str(python)]
-                    if runner_pip
-                    else [str(python), "-m", "pip"]
+                self._run(
+                    self._install_command(python, building / REQUIREMENTS, runner_pip),
+                    env,
+                    log,
+                    what=f"{'uv pip' if self.uv else 'pip'} install for Python {interpreter.version}",
                 )
-                pip += [
-                    "install",
-                    "--disable-pip-version-check",
-                    "--no-input",
-                    "--progress-bar",
-                    "off",
-                    "-r",
-                    str(building / REQUIREMENTS),
-                ]
-                self._run(pip, env, log, what=f"pip install for Python {interpreter.version}")
             _relocate(building, final)
             manifest = {
                 "format": CACHE_FORMAT,
@@ -658,6 +652,34 @@ class VirtualenvCache:
         except BaseException:
             shutil.rmtree(building, ignore_errors=True)
             raise
+
+    def _install_command(self, python: Path, requirements: Path, runner_pip: bool) -> list[str]:
+        if self.uv is not None:
+            return [
+                str(self.uv),
+                "pip",
+                "install",
+                "--python",
+                str(python),
+                "--no-progress",
+                "-r",
+                str(requirements),
+            ]
+        pip = (
+            [sys.executable, "-m", "pip", "--python", str(python)]
+            if runner_pip
+            else [str(python), "-m", "pip"]
+        )
+        return [
+            *pip,
+            "install",
+            "--disable-pip-version-check",
+            "--no-input",
+            "--progress-bar",
+            "off",
+            "-r",
+            str(requirements),
+        ]
 
     def _pip_env(self) -> dict[str, str]:
         env = {

@@ -1,0 +1,153 @@
+"""What Airflow learns about this provider without importing any of it.
+
+Airflow calls ``get_provider_info()`` through the ``apache_airflow_provider`` entry point while its
+own configuration is still being initialised, so this module must stay plain data: importing
+Airflow or any provider module from here would be circular, and one failure here breaks every
+``airflow`` command on the machine. Class paths are strings that Airflow imports lazily; the
+tests check that each one imports.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+INTEGRATION = "StudioML"
+CONNECTION_TYPE = "studio_rabbitmq"
+
+
+def get_provider_info() -> dict[str, Any]:
+    """The provider-info dict, validated by the tests against Airflow's ``provider_info.schema.json``."""
+    return {
+        "package-name": "airflow-provider-studio",
+        "name": "StudioML",
+        "description": (
+            "StudioML experiments on Apache Airflow: run them on GPU Kubernetes pods or locally, "
+            "wait on StudioML RabbitMQ and SQS queues, and collect experiment metadata from S3."
+        ),
+        "integrations": [
+            {
+                "integration-name": INTEGRATION,
+                "external-doc-url": "https://github.com/studioml/studio",
+                "tags": ["software"],
+            }
+        ],
+        "operators": [
+            {
+                "integration-name": INTEGRATION,
+                "python-modules": [
+                    "airflow_provider_studio.operators.experiment",
+                    "airflow_provider_studio.operators.metadata",
+                ],
+            }
+        ],
+        "sensors": [
+            {
+                "integration-name": INTEGRATION,
+                "python-modules": ["airflow_provider_studio.sensors.queue"],
+            }
+        ],
+        "hooks": [
+            {
+                "integration-name": INTEGRATION,
+                "python-modules": ["airflow_provider_studio.hooks.rabbitmq"],
+            }
+        ],
+        "triggers": [
+            {
+                "integration-name": INTEGRATION,
+                "python-modules": ["airflow_provider_studio.triggers.queue"],
+            }
+        ],
+        "extra-links": ["airflow_provider_studio.links.experiment.StudioArtifactsLink"],
+        "connection-types": [
+            {
+                "connection-type": CONNECTION_TYPE,
+                "hook-class-name": "airflow_provider_studio.hooks.rabbitmq.StudioRabbitMQHook",
+                "hook-name": "StudioML RabbitMQ",
+                # Declarative form (Airflow 3.2+): the UI renders it without importing the hook.
+                "conn-fields": {
+                    "management_url": {
+                        "label": "Management API URL",
+                        "description": (
+                            "RabbitMQ management API, which runners use to discover queues. "
+                            "Leave empty for http(s)://<host>:<port + 10000>."
+                        ),
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "ssl": {
+                        "label": "Use TLS (amqps)",
+                        "description": "Connect with TLS, verifying the broker's certificate.",
+                        "schema": {"type": ["boolean", "null"]},
+                    },
+                },
+                "ui-field-behaviour": {
+                    "hidden-fields": [],
+                    "relabeling": {"schema": "Virtual host"},
+                    "placeholders": {
+                        "host": "rabbitmq.example.com",
+                        "port": "5672",
+                        "schema": "/",
+                        "login": "guest",
+                        "management_url": "http://rabbitmq.example.com:15672",
+                    },
+                },
+            }
+        ],
+        "config": {
+            "studio": {
+                "description": "How the StudioML provider runs experiments and links to their artifacts.",
+                "options": {
+                    "execution_mode": {
+                        "description": (
+                            "How StudioExperimentOperator runs experiments: ``kubernetes`` starts a "
+                            "runner pod per experiment, ``local`` runs the studio-runner in the "
+                            "worker process (development and CI). Environment variable: "
+                            "AIRFLOW__STUDIO__EXECUTION_MODE."
+                        ),
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "local",
+                        "default": "kubernetes",
+                    },
+                    "runner_image": {
+                        "description": "Container image of the studio-runner used for Kubernetes runs.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "registry.example.com/studio-runner:0.1.0",
+                        "default": "ghcr.io/airflow-provider-studio/studio-runner:0.1.0",
+                    },
+                    "artifacts_link_template": {
+                        "description": (
+                            "URL of an experiment's artifacts, shown as an extra link on the task. "
+                            "``{bucket}`` and ``{prefix}`` are replaced by the experiment's S3 "
+                            "bucket and key prefix."
+                        ),
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "https://minio.example.com/browser/{bucket}/{prefix}",
+                        "default": "https://s3.console.aws.amazon.com/s3/buckets/{bucket}?prefix={prefix}",
+                    },
+                    "local_working_dir": {
+                        "description": (
+                            "Working directory for ``local`` execution mode; empty means a new "
+                            "temporary directory per run."
+                        ),
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "/var/lib/studio/work",
+                        "default": "",
+                    },
+                    "local_cache_dir": {
+                        "description": (
+                            "Artifact and virtualenv cache for ``local`` execution mode; empty means "
+                            "a temporary directory."
+                        ),
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "/var/cache/studio",
+                        "default": "",
+                    },
+                },
+            }
+        },
+    }
