@@ -9,6 +9,7 @@ suite starts a private set on free ports once per session.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -23,6 +24,8 @@ from base64 import b64encode
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from . import system
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = REPO / ".local" / "services"
@@ -208,10 +211,20 @@ class ServiceSet:
         config.write_text(json.dumps(_seaweedfs_identities(), indent=1))
         p = self.ports
         argv = [
-            weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={p.weed_master}", f"-volume.port={p.weed_volume}",
-            f"-filer.port={p.weed_filer}", f"-s3.port={p.s3}", f"-s3.config={config}",
-            "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            weed,
+            "mini",
+            f"-dir={root / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={p.weed_master}",
+            f"-volume.port={p.weed_volume}",
+            f"-filer.port={p.weed_filer}",
+            f"-s3.port={p.s3}",
+            f"-s3.config={config}",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
             f"-s3.localSocket={root / 's3.sock'}",
         ]
         return self._spawn("seaweedfs", argv)
@@ -229,13 +242,14 @@ class ServiceSet:
         import boto3
 
         s3 = boto3.client(
-            "s3", endpoint_url=self.endpoints.s3_endpoint, region_name=self.endpoints.region,
-            aws_access_key_id=S3_ACCESS_KEY, aws_secret_access_key=S3_SECRET_KEY,
+            "s3",
+            endpoint_url=self.endpoints.s3_endpoint,
+            region_name=self.endpoints.region,
+            aws_access_key_id=S3_ACCESS_KEY,
+            aws_secret_access_key=S3_SECRET_KEY,
         )
-        try:
+        with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
             s3.create_bucket(Bucket=PUBLIC_BUCKET)
-        except s3.exceptions.BucketAlreadyOwnedByYou:
-            pass
 
     # --- moto (SQS only) -------------------------------------------------------------------
     def _start_moto(self) -> Server:
@@ -252,14 +266,12 @@ class ServiceSet:
     # --- RabbitMQ --------------------------------------------------------------------------
     def _start_epmd(self) -> Server:
         """Our own epmd on its own port, so nothing outlives ``stop``."""
-        epmd = shutil.which("epmd") or _install_rabbitmq() or shutil.which("epmd")
-        if not epmd:
-            raise ServiceError("epmd not found after installing rabbitmq-server")
+        system.ensure("rabbitmq-server", "rabbitmq-server")
+        epmd = system.ensure("epmd", "erlang-base")
         return self._spawn("epmd", [epmd, "-address", "127.0.0.1", "-port", str(self.ports.epmd)])
 
     def _start_rabbitmq(self) -> Server:
-        if not RABBITMQ_SERVER.exists():
-            _install_rabbitmq()
+        system.ensure("rabbitmq-server", "rabbitmq-server")
         root = self.data_dir / "rabbitmq"
         root.mkdir(parents=True, exist_ok=True)
         p = self.ports
@@ -308,8 +320,13 @@ class ServiceSet:
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Server:
         log = self._log(name).open("ab")
         process = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=self.data_dir, env=env, start_new_session=True,
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=self.data_dir,
+            env=env,
+            start_new_session=True,
         )
         log.close()
         return Server.of(name, process.pid)
@@ -328,18 +345,6 @@ def _seaweedfs_identities() -> dict:
     }
 
 
-def _install_rabbitmq() -> None:
-    """Debian's package; its post-install start is refused in containers, which suits us."""
-    if os.geteuid() != 0:
-        raise ServiceError("rabbitmq-server is not installed; run: sudo apt-get install -y rabbitmq-server")
-    print("installing rabbitmq-server (Debian package)…", file=sys.stderr, flush=True)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "rabbitmq-server"]):
-        result = subprocess.run(argv, env=env, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise ServiceError(f"{' '.join(argv)} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
-
-
 def _venv_tool(name: str, hint: str) -> str:
     candidate = Path(sys.executable).parent / name
     found = str(candidate) if candidate.exists() else shutil.which(name)
@@ -348,7 +353,9 @@ def _venv_tool(name: str, hint: str) -> str:
     return found
 
 
-def _wait_until(ready: Callable[[], bool], server: Server, name: str, log: Path, timeout: float = 90.0) -> None:
+def _wait_until(
+    ready: Callable[[], bool], server: Server, name: str, log: Path, timeout: float = 90.0
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ready():
@@ -393,17 +400,13 @@ def _start_time(pid: int) -> int | None:
 
 def _reap(pid: int) -> None:
     """Collect our own exited child so it does not linger as a zombie."""
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 # --- command line (used by the Makefile and the demo) ---------------------------------------

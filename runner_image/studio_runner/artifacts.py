@@ -8,6 +8,7 @@ accepts, and ``_metadata`` goes strictly last so its presence means the results 
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import logging
 import os
@@ -53,12 +54,16 @@ _UNLIMITED = 1 << 62
 class ArtifactError(Exception):
     """An artifact could not be fetched or stored; the attempt must not be acked."""
 
-    def __init__(self, label: str, uri: str, reason: str, *, others: int = 0) -> None:
+    def __init__(
+        self, label: str, uri: str, reason: str, *, others: int = 0, permanent: bool = False
+    ) -> None:
         more = f" (and {others} more artifact{'s' if others > 1 else ''} failed)" if others else ""
         super().__init__(f"artifact {label!r} ({uri}): {reason}{more}")
         self.label = label
         self.uri = uri
         self.reason = reason
+        self.permanent = permanent
+        """True for an unsafe archive or one over the disk budget: another attempt fails the same way."""
 
 
 class ObjectNotFound(Exception):
@@ -173,7 +178,13 @@ class ArtifactSet:
                 self.note(f"failed when downloading user data: {error}")
                 log.warning("experiment %s: %s", self.request.key, error)
             first = errors[0]
-            raise ArtifactError(first.label, first.uri, first.reason, others=len(errors) - 1)
+            raise ArtifactError(
+                first.label,
+                first.uri,
+                first.reason,
+                others=len(errors) - 1,
+                permanent=all(error.permanent for error in errors),
+            )
 
     def _fetch_one(self, label: str) -> None:
         artifact = self.artifacts[label]
@@ -192,7 +203,7 @@ class ArtifactSet:
             if info is None:
                 if not artifact.mutable:
                     raise ObjectNotFound("the object does not exist")
-                log.info(
+                log.debug(
                     "mutable artifact %s does not exist yet at %s; starting empty", label, self.uri(label)
                 )
             else:
@@ -377,7 +388,12 @@ class ArtifactSet:
             for name in sorted(files):
                 path = Path(current) / name
                 relative = path.relative_to(folder).as_posix()
-                if name.startswith(".") or path.is_symlink() or not path.is_file() or path.stat().st_size == 0:
+                if (
+                    name.startswith(".")
+                    or path.is_symlink()
+                    or not path.is_file()
+                    or path.stat().st_size == 0
+                ):
                     continue  # half-written (dot) files and empty scrape results are not published
                 location, key = self._metadata_target(relative)  # type: ignore[misc]
                 content_type = "application/json" if name.endswith(".json") else "application/octet-stream"
@@ -420,7 +436,8 @@ class ArtifactSet:
         with ThreadPoolExecutor(
             max_workers=min(self.max_workers, len(labels)), thread_name_prefix="artifact"
         ) as pool:
-            futures = {label: pool.submit(work, label) for label in labels}
+            # each task runs in a copy of this thread's context, so its log lines keep the experiment
+            futures = {label: pool.submit(contextvars.copy_context().run, work, label) for label in labels}
             for label, future in futures.items():
                 try:
                     results[label] = future.result()
@@ -431,7 +448,9 @@ class ArtifactSet:
     def _as_error(self, label: str, error: BaseException) -> ArtifactError:
         if isinstance(error, ArtifactError):
             return error
-        if isinstance(error, (StorageError, ArchiveError, DiskBudgetExceeded, ObjectNotFound)):
+        if isinstance(error, (ArchiveError, DiskBudgetExceeded)):
+            return ArtifactError(label, self.uri(label), str(error), permanent=True)
+        if isinstance(error, (StorageError, ObjectNotFound)):
             reason = str(error)
         elif isinstance(error, OSError):
             reason = f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")

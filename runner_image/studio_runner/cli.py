@@ -34,32 +34,8 @@ from .units import parse_duration, parse_size
 log = logging.getLogger("studio_runner")
 
 _TRUE = {"1", "true", "yes", "on"}
-
-
-def _env_name(option: str) -> str:
-    return option.lstrip("-").upper().replace("-", "_")
-
-
-def _add(
-    parser: argparse.ArgumentParser,
-    option: str,
-    *,
-    default: Any = None,
-    kind: Callable[[str], Any] = str,
-    help: str,
-    flag: bool = False,
-) -> None:
-    """An option whose default comes from its environment variable."""
-    env = _env_name(option)
-    raw = os.environ.get(env)
-    if flag:
-        value = raw.strip().lower() in _TRUE if raw is not None else bool(default)
-        parser.add_argument(
-            option, action=argparse.BooleanOptionalAction, default=value, help=f"{help} [{env}]"
-        )
-        return
-    value = kind(raw) if raw not in (None, "") else default
-    parser.add_argument(option, type=kind, default=value, help=f"{help} [{env}]")
+FLAG = bool
+"""Marks an on/off option (``--debug`` / ``--no-debug``)."""
 
 
 def _seconds(text: str) -> float:
@@ -74,100 +50,74 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(name for name in text.replace(",", " ").split() if name)
 
 
+_DEFAULT_ROOT = Path(os.environ.get("TMPDIR") or tempfile.gettempdir()) / "studio-runner"
+
+# (option, type, default, help): the option's environment variable is its upper-case name.
+EXPERIMENT_OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
+    ("--working-dir", Path, _DEFAULT_ROOT, "folder for experiment attempts"),
+    ("--cache-dir", Path, None, "download and virtualenv caches (default: <working-dir>/cache)"),
+    ("--cache-size", parse_size, 10 * 1024**3, "download cache size, e.g. 20GiB"),
+    ("--max-cores", int, 0, "cores offered to experiments (0: all)"),
+    ("--max-mem", parse_size, 0, "RAM offered to experiments (0: all)"),
+    ("--max-disk", parse_size, 0, "disk offered to experiments (0: 85%% of free space)"),
+    ("--cpu-only", FLAG, False, "refuse GPU work even when GPUs are present"),
+    ("--gpu-slots", _names, (), "slots per GPU model the built-in table lacks, e.g. 'H100=80'"),
+    ("--job-env", _names, (), "runner environment variables passed on to workloads"),
+    ("--installer", str, "auto", "virtualenv installer: 'pip', 'uv', or 'auto' (uv when installed)"),
+    ("--grace-period", _seconds, 30.0, "how long a stopping workload gets before SIGKILL"),
+    ("--schema-logs", FLAG, True, "record plain console lines in the scrape document"),
+    ("--s3-https", FLAG, False, "use HTTPS for non-AWS s3://host:port endpoints"),
+    ("--s3-ca", str, None, "CA bundle for HTTPS object stores"),
+    ("--debug", FLAG, False, "keep experiment folders and log at debug level"),
+    ("--log-format", str, "json", "'json' (one event per line) or 'text'"),
+)
+SERVE_OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
+    ("--amqp-url", str, None, "RabbitMQ URL, e.g. amqp://user:password@host:5672/%%2f"),
+    ("--amqp-mgt-url", str, None, "RabbitMQ management URL (default: AMQP port + 10000)"),
+    ("--queue-match", str, r"^(rmq|sqs|local)_.*$", "regular expression a queue name must match"),
+    ("--queue-mismatch", str, None, "regular expression a queue name must not match"),
+    ("--queue-root", Path, None, "folder whose sub-folders are local_ queues"),
+    ("--sqs-certs", Path, None, "folder of AWS credential sets, one sub-folder each"),
+    ("--sqs-endpoint", str, None, "SQS endpoint URL (for SQS-compatible servers)"),
+    ("--sqs-region", str, None, "SQS region when no credential set names one"),
+    ("--max-attempts", int, 3, "attempts before a failing experiment is dead-lettered"),
+    ("--limit-tasks", int, 0, "exit after this many experiments (0: no limit)"),
+    ("--limit-idle-duration", _seconds, 0.0, "exit after this long without work (0: never)"),
+)
+RUN_OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
+    ("--request", str, None, "request file, or '-' for standard input"),
+    ("--request-json", str, None, "the request itself, as JSON (for a pod's environment)"),
+    ("--result-file", Path, None, "where to write the JSON result summary"),
+)
+
+
+def _add_options(group: argparse._ArgumentGroup, options: tuple[tuple[str, Any, Any, str], ...]) -> None:
+    """Each option with its environment variable as the default, named in the help."""
+    for option, kind, default, text in options:
+        env = option.lstrip("-").upper().replace("-", "_")
+        raw = os.environ.get(env)
+        if kind is FLAG:
+            value = raw.strip().lower() in _TRUE if raw is not None else default
+            group.add_argument(
+                option, action=argparse.BooleanOptionalAction, default=value, help=f"{text} [{env}]"
+            )
+        else:
+            try:
+                value = kind(raw) if raw not in (None, "") else default
+            except ValueError as error:
+                raise SystemExit(f"studio-runner: error: environment variable {env}={raw!r}: {error}") from None
+            group.add_argument(option, type=kind, default=value, help=f"{text} [{env}]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    group = common.add_argument_group("experiments")
-    default_root = Path(os.environ.get("TMPDIR") or tempfile.gettempdir()) / "studio-runner"
-    _add(group, "--working-dir", default=default_root, kind=Path, help="folder for experiment attempts")
-    _add(
-        group,
-        "--cache-dir",
-        kind=Path,
-        help="download cache and virtualenv cache folder (default: inside the working dir)",
-    )
-    _add(group, "--cache-size", default=10 * 1024**3, kind=parse_size, help="download cache size, e.g. 20GiB")
-    _add(group, "--max-cores", default=0, kind=int, help="cores offered to experiments (0: all)")
-    _add(group, "--max-mem", default=0, kind=parse_size, help="RAM offered to experiments (0: all)")
-    _add(
-        group,
-        "--max-disk",
-        default=0,
-        kind=parse_size,
-        help="disk offered to experiments (0: 85%% of free space)",
-    )
-    _add(group, "--cpu-only", default=False, flag=True, help="refuse GPU work even when GPUs are present")
-    _add(
-        group,
-        "--gpu-slots",
-        default=(),
-        kind=_names,
-        help="slots per GPU model for cards the table lacks, e.g. 'H100=80'",
-    )
-    _add(
-        group,
-        "--job-env",
-        default=(),
-        kind=_names,
-        help="names of runner environment variables passed to workloads",
-    )
-    _add(
-        group,
-        "--grace-period",
-        default=30.0,
-        kind=_seconds,
-        help="how long a stopping workload gets before SIGKILL",
-    )
-    _add(
-        group,
-        "--schema-logs",
-        default=True,
-        flag=True,
-        help="record plain console lines in the scrape document",
-    )
-    _add(group, "--s3-https", default=False, flag=True, help="use HTTPS for non-AWS s3://host:port endpoints")
-    _add(group, "--s3-ca", help="CA bundle for HTTPS object stores")
-    _add(group, "--debug", default=False, flag=True, help="keep experiment folders and log at debug level")
-    _add(group, "--log-format", default="json", help="'json' (one event per line) or 'text'")
-
+    _add_options(common.add_argument_group("experiments"), EXPERIMENT_OPTIONS)
     parser = argparse.ArgumentParser(prog="studio-runner", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-
     serve = commands.add_parser("serve", parents=[common], help="take experiments from queues until stopped")
-    queues = serve.add_argument_group("queues")
-    _add(queues, "--amqp-url", help="RabbitMQ URL, e.g. amqp://user:password@host:5672/%%2f")
-    _add(queues, "--amqp-mgt-url", help="RabbitMQ management URL (default: AMQP port + 10000)")
-    _add(
-        queues,
-        "--queue-match",
-        default=r"^(rmq|sqs|local)_.*$",
-        help="regular expression a queue name must match",
-    )
-    _add(queues, "--queue-mismatch", help="regular expression a queue name must not match")
-    _add(queues, "--queue-root", kind=Path, help="folder whose sub-folders are local_ queues")
-    _add(queues, "--sqs-certs", kind=Path, help="folder of AWS credential sets, one sub-folder each")
-    _add(queues, "--sqs-endpoint", help="SQS endpoint URL (for SQS-compatible servers)")
-    _add(queues, "--sqs-region", help="SQS region when no credential set names one")
-    _add(
-        queues,
-        "--max-attempts",
-        default=3,
-        kind=int,
-        help="attempts before a failing experiment is dead-lettered",
-    )
-    _add(queues, "--limit-tasks", default=0, kind=int, help="exit after this many experiments (0: no limit)")
-    _add(
-        queues,
-        "--limit-idle-duration",
-        default=0.0,
-        kind=_seconds,
-        help="exit after this long with no work (0: never)",
-    )
-
+    _add_options(serve.add_argument_group("queues"), SERVE_OPTIONS)
     run = commands.add_parser("run", parents=[common], help="run one request and exit with its status")
-    one = run.add_argument_group("request")
-    _add(one, "--request", help="request file, or '-' for standard input")
-    _add(one, "--request-json", help="the request itself, as JSON (for a pod's environment)")
-    _add(one, "--result-file", kind=Path, help="where to write the JSON result summary")
+    _add_options(run.add_argument_group("request"), RUN_OPTIONS)
     return parser
 
 
@@ -296,7 +246,9 @@ def _on_stop_signals(stop: Callable[[], None]) -> None:
 
 # --- serve --------------------------------------------------------------------------------
 def _serve(args: argparse.Namespace) -> int:
-    from .queues import LocalDirTransport, RabbitMQTransport, SqsTransport
+    from .queues.localdir import LocalDirTransport
+    from .queues.rabbitmq import RabbitMQTransport
+    from .queues.sqs import SqsTransport
     from .service import QueueMatcher, Service
 
     transports = []

@@ -150,7 +150,7 @@ class _Attempt:
                     on_line=self.runner.on_line,
                 )
         except ArtifactError as error:
-            return Status.INFRASTRUCTURE, str(error), None
+            return (Status.INVALID if error.permanent else Status.INFRASTRUCTURE), str(error), None
         except PythonEnvError as error:
             self.note(f"python environment failed: {error}")
             return Status.INFRASTRUCTURE, f"python environment failed: {error}", None

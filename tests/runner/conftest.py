@@ -1,0 +1,187 @@
+"""End-to-end fixtures: the real ``studioml`` client and ``studio-runner serve`` processes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from devtools.services import Endpoints
+
+STUDIOML_VERSION = "0.0.44.post6"
+"""The last release whose CompletionService imports and works unpatched (STUDIOML_CLIENT.md)."""
+
+STUDIOML_PINS = ("urllib3<2", "requests-toolbelt<1")
+"""Without these, ``import studio.runner`` fails on Python 3.11."""
+
+
+@pytest.fixture(scope="session")
+def studioml_client(repo_root: Path) -> Path:
+    """A virtualenv with the real StudioML client, kept under ``.cache/`` between sessions."""
+    venv = repo_root / ".cache" / f"studioml-client-{STUDIOML_VERSION}"
+    python = venv / "bin" / "python"
+    marker = venv / ".complete"
+    if not marker.exists():
+        shutil.rmtree(venv, ignore_errors=True)
+        uv = Path(sys.executable).parent / "uv"
+        subprocess.run([str(uv), "venv", "--quiet", "--python", "3.11", str(venv)], check=True)
+        subprocess.run(
+            [
+                str(uv),
+                "pip",
+                "install",
+                "--quiet",
+                "--python",
+                str(python),
+                f"studioml=={STUDIOML_VERSION}",
+                *STUDIOML_PINS,
+            ],
+            check=True,
+        )
+        marker.touch()
+    return venv / "bin"
+
+
+@dataclass
+class StudioClient:
+    """Runs the real client's commands and scripts with a config that points at our servers."""
+
+    bin_dir: Path
+    config: Path
+    home: Path
+    bucket: str
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "AWS_"))}
+        env.update({"HOME": str(self.home), "PATH": f"{self.bin_dir}:{env.get('PATH', '')}"}, **extra)
+        return env
+
+    def run(
+        self, workspace: Path, queue: str, script: str, *args: str, key: str, options: tuple[str, ...] = ()
+    ) -> None:
+        """``studio run --queue=... script args``: publishes and returns, as the client does."""
+        command = [
+            "studio-run",
+            f"--config={self.config}",
+            f"--queue={queue}",
+            f"--experiment={key}",
+            *options,
+            script,
+            *args,
+        ]
+        result = subprocess.run(
+            command, cwd=workspace, env=self.env(), capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, f"studio run failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+
+    def python(self, script: str, *, cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.bin_dir / "python"), "-c", script],
+            cwd=cwd,
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+
+@pytest.fixture
+def studio_client(studioml_client: Path, services: Endpoints, s3_client, tmp_path: Path) -> StudioClient:
+    bucket = f"studio-{uuid.uuid4().hex[:12]}"
+    s3_client.create_bucket(Bucket=bucket)
+    credentials = {"aws": {"access_key": services.s3_access_key, "secret_access_key": services.s3_secret_key}}
+    store = {"type": "s3", "endpoint": services.s3_endpoint, "bucket": bucket, "credentials": credentials}
+    config = {
+        "database": {**store, "authentication": "none"},
+        "storage": store,
+        "cloud": {"queue": {"rmq": services.amqp_url}},
+        "env": {
+            "AWS_ACCESS_KEY_ID": services.s3_access_key,
+            "AWS_SECRET_ACCESS_KEY": services.s3_secret_key,
+            "AWS_DEFAULT_REGION": services.region,
+            "PYTHONUNBUFFERED": "1",
+        },
+        "resources_needed": {"cpus": 1, "ram": "1g", "hdd": "1g", "gpus": 0},
+        "saveWorkspaceFrequency": "1m",
+        "experimentLifetime": "30m",
+        "verbose": "error",
+        "sleep_time": 1,
+    }
+    path = tmp_path / "studioml-config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    home = tmp_path / "client-home"
+    home.mkdir()
+    return StudioClient(bin_dir=studioml_client, config=path, home=home, bucket=bucket)
+
+
+@pytest.fixture(scope="session")
+def runner_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One venv and download cache for every runner in the session: the client's freeze builds once."""
+    return tmp_path_factory.mktemp("runner-cache")
+
+
+@dataclass
+class RunnerProcess:
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def events(self) -> list[dict]:
+        events = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                events.append(json.loads(line))
+        return events
+
+
+@pytest.fixture
+def serve_runner(
+    services: Endpoints, runner_cache: Path, tmp_path: Path
+) -> Iterator[Callable[..., RunnerProcess]]:
+    """Start ``studio-runner serve`` processes for a test; all are stopped when it ends."""
+    started: list[RunnerProcess] = []
+
+    def start(*options: str, env: dict[str, str] | None = None) -> RunnerProcess:
+        log = tmp_path / f"runner-{len(started)}.log"
+        command = [
+            str(Path(sys.executable).parent / "studio-runner"),
+            "serve",
+            "--working-dir",
+            str(tmp_path / f"work-{len(started)}"),
+            "--cache-dir",
+            str(runner_cache),
+            "--amqp-url",
+            services.amqp_url,
+            "--amqp-mgt-url",
+            services.amqp_management_url,
+            *options,
+        ]
+        full_env = {**os.environ, "AWS_DEFAULT_REGION": services.region, **(env or {})}
+        with open(log, "wb") as output:
+            process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=full_env)
+        runner = RunnerProcess(process, log)
+        started.append(runner)
+        return runner
+
+    yield start
+    for runner in started:
+        runner.stop()
