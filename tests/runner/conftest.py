@@ -61,10 +61,15 @@ class StudioClient:
     config: Path
     home: Path
     bucket: str
+    sqs_endpoint: str
 
-    def env(self, **extra: str) -> dict[str, str]:
+    def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "AWS_"))}
-        env.update({"HOME": str(self.home), "PATH": f"{self.bin_dir}:{env.get('PATH', '')}"}, **extra)
+        env.update(
+            HOME=str(self.home),
+            PATH=f"{self.bin_dir}:{env.get('PATH', '')}",
+            AWS_ENDPOINT_URL_SQS=self.sqs_endpoint,
+        )
         return env
 
     def run(
@@ -105,7 +110,13 @@ def studio_client(studioml_client: Path, services: Endpoints, s3_client, tmp_pat
     config = {
         "database": {**store, "authentication": "none"},
         "storage": store,
-        "cloud": {"queue": {"rmq": services.amqp_url}},
+        "cloud": {
+            "queue": {
+                "rmq": services.amqp_url,
+                # the client's SQS queue reads keys here; AWS_ENDPOINT_URL_SQS (see env) points it at moto
+                "sqs": {"credentials": {"aws": {**credentials["aws"], "region": services.region}}},
+            }
+        },
         "env": {
             "AWS_ACCESS_KEY_ID": services.s3_access_key,
             "AWS_SECRET_ACCESS_KEY": services.s3_secret_key,
@@ -122,7 +133,9 @@ def studio_client(studioml_client: Path, services: Endpoints, s3_client, tmp_pat
     path.write_text(yaml.safe_dump(config))
     home = tmp_path / "client-home"
     home.mkdir()
-    return StudioClient(bin_dir=studioml_client, config=path, home=home, bucket=bucket)
+    return StudioClient(
+        bin_dir=studioml_client, config=path, home=home, bucket=bucket, sqs_endpoint=services.sqs_endpoint
+    )
 
 
 @pytest.fixture(scope="session")

@@ -6,19 +6,15 @@ client looks, ``CompletionService.getResults()`` returns, and bad work never blo
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-import tarfile
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
-from devtools.services import Endpoints
 from tests.broker import dead_letters, publish_like_client, queue_depth, unique_queue
 from tests.polling import wait_for
+from tests.runner.client_requests import client_request, upload_blob, workspace_tar
 from tests.runner.results import final_document, scrape_documents, tar_members
 
 TRAIN = """\
@@ -163,21 +159,12 @@ def test_a_workspace_with_escaping_entries_is_refused_and_nothing_escapes(
     studio_client, serve_runner, s3_client, services, queue, tmp_path
 ):
     runner = serve_runner()
-    archive = io.BytesIO()
-    with tarfile.open(fileobj=archive, mode="w") as tar:
-        for name, data in (("train.py", b"print('never runs')\n"), ("../escaped.txt", b"gotcha")):
-            entry = tarfile.TarInfo(name)
-            entry.size = len(data)
-            tar.addfile(entry, io.BytesIO(data))
-    blob = archive.getvalue()
-    blob_key = f"blobstore/{hashlib.sha256(blob).hexdigest()}.tar"
-    s3_client.put_object(Bucket=studio_client.bucket, Key=blob_key, Body=blob)
+    blob = workspace_tar({"train.py": b"print('never runs')\n", "../escaped.txt": b"gotcha"})
     key = f"evil_{queue}"
-    publish_like_client(
-        services.amqp_url,
-        queue,
-        [json.dumps(_request(services, studio_client.bucket, key, blob_key)).encode()],
+    request = client_request(
+        services, studio_client.bucket, key, upload_blob(s3_client, studio_client.bucket, blob)
     )
+    publish_like_client(services.amqp_url, queue, [json.dumps(request).encode()])
 
     dead = wait_for(lambda: dead_letters(services, queue), 120, "the dead letter")
     assert "escape" in dead[0][1]["x-studio-reject-reason"] or ".." in dead[0][1]["x-studio-reject-reason"]
@@ -187,37 +174,3 @@ def test_a_workspace_with_escaping_entries_is_refused_and_nothing_escapes(
     assert "failed when downloading user data" in output
     assert not list(tmp_path.rglob("escaped.txt"))
     assert runner.process.poll() is None
-
-
-def _request(services: Endpoints, bucket: str, key: str, workspace_key: str) -> dict:
-    """A request as the client builds it, for inputs the client itself would never produce."""
-    host = services.s3_endpoint.split("://", 1)[1]
-    credentials = {"aws": {"access_key": services.s3_access_key, "secret_access_key": services.s3_secret_key}}
-
-    def artifact(object_key: str, mutable: bool) -> dict:
-        return {
-            "qualified": f"s3://{host}/{bucket}/{object_key}",
-            "bucket": bucket,
-            "key": object_key,
-            "mutable": mutable,
-            "unpack": True,
-            "credentials": credentials,
-        }
-
-    return {
-        "experiment": {
-            "key": key,
-            "filename": "train.py",
-            "args": [],
-            "pythonver": "3.11",
-            "pythonenv": [],
-            "time_added": time.time(),
-            "resources_needed": {"cpus": 1, "ram": "1g", "hdd": "1g", "gpus": 0},
-            "artifacts": {
-                "workspace": artifact(workspace_key, False),
-                "output": artifact(f"experiments/{key}/output.tar", True),
-                "_metadata": artifact(f"experiments/{key}/_metadata.tar", True),
-            },
-        },
-        "config": {"env": {"AWS_DEFAULT_REGION": services.region}, "experimentLifetime": "30m"},
-    }

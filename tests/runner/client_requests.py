@@ -1,0 +1,73 @@
+"""Requests shaped like the StudioML client's, for inputs the client itself would never send."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+import time
+from typing import Any
+
+from devtools.services import Endpoints
+
+
+def workspace_tar(files: dict[str, bytes]) -> bytes:
+    """An uncompressed tar with the member names given, as the client packs a workspace folder."""
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        for name, data in files.items():
+            entry = tarfile.TarInfo(name)
+            entry.size = len(data)
+            entry.mtime = int(time.time())
+            tar.addfile(entry, io.BytesIO(data))
+    return archive.getvalue()
+
+
+def upload_blob(s3, bucket: str, blob: bytes) -> str:
+    """Store ``blob`` content-addressed under ``blobstore/``, as the client does; returns the key."""
+    key = f"blobstore/{hashlib.sha256(blob).hexdigest()}.tar"
+    s3.put_object(Bucket=bucket, Key=key, Body=blob)
+    return key
+
+
+def client_request(
+    services: Endpoints,
+    bucket: str,
+    key: str,
+    workspace_key: str,
+    *,
+    filename: str = "train.py",
+    args: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """The request ``studio run`` would send for a workspace already in ``bucket``."""
+    host = services.s3_endpoint.split("://", 1)[1]
+    credentials = {"aws": {"access_key": services.s3_access_key, "secret_access_key": services.s3_secret_key}}
+
+    def artifact(object_key: str, mutable: bool) -> dict[str, Any]:
+        return {
+            "qualified": f"s3://{host}/{bucket}/{object_key}",
+            "bucket": bucket,
+            "key": object_key,
+            "mutable": mutable,
+            "unpack": True,
+            "credentials": credentials,
+        }
+
+    return {
+        "experiment": {
+            "key": key,
+            "filename": filename,
+            "args": list(args),
+            "pythonver": "3.11",
+            "pythonenv": [],
+            "time_added": time.time(),
+            "resources_needed": {"cpus": 1, "ram": "1g", "hdd": "1g", "gpus": 0},
+            "artifacts": {
+                "workspace": artifact(workspace_key, False),
+                "output": artifact(f"experiments/{key}/output.tar", True),
+                "modeldir": artifact(f"experiments/{key}/modeldir.tar", True),
+                "_metadata": artifact(f"experiments/{key}/_metadata.tar", True),
+            },
+        },
+        "config": {"env": {"AWS_DEFAULT_REGION": services.region}, "experimentLifetime": "30m"},
+    }
