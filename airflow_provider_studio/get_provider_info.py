@@ -119,8 +119,8 @@ def get_provider_info() -> dict[str, Any]:
                     "artifacts_link_template": {
                         "description": (
                             "URL of an experiment's artifacts, shown as an extra link on the task. "
-                            "``{bucket}`` and ``{prefix}`` are replaced by the experiment's S3 "
-                            "bucket and key prefix."
+                            "``{bucket}``, ``{prefix}`` (``experiments/<key>/``), ``{key}`` and "
+                            "``{endpoint}`` are replaced by the experiment's values."
                         ),
                         "version_added": "0.1.0",
                         "type": "string",
@@ -129,8 +129,8 @@ def get_provider_info() -> dict[str, Any]:
                     },
                     "local_working_dir": {
                         "description": (
-                            "Working directory for ``local`` execution mode; empty means a new "
-                            "temporary directory per run."
+                            "Working directory for ``local`` execution mode; empty means "
+                            "``$AIRFLOW_HOME/studio-runner/work``."
                         ),
                         "version_added": "0.1.0",
                         "type": "string",
@@ -140,7 +140,8 @@ def get_provider_info() -> dict[str, Any]:
                     "local_cache_dir": {
                         "description": (
                             "Artifact and virtualenv cache for ``local`` execution mode; empty means "
-                            "a temporary directory."
+                            "``$AIRFLOW_HOME/studio-runner/cache``, kept between tasks and runs so "
+                            "each virtualenv is built once."
                         ),
                         "version_added": "0.1.0",
                         "type": "string",

@@ -1,0 +1,765 @@
+"""Run one StudioML experiment with ``studio-runner run``: in a GPU pod, or on the worker itself.
+
+Both modes run the very same runner with the very same request (built by
+:mod:`airflow_provider_studio.experiment_request`), so what passes in CI in ``local`` mode is
+what runs on the cluster. The runner's result summary is the task's return value; an
+experiment that did not succeed fails the task with the runner's reason, unless
+``fail_on_experiment_error=False`` asks for the summary instead (a fan-in step can then score
+failed genomes).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+from airflow.providers.cncf.kubernetes.backcompat.backwards_compat_converters import (
+    convert_env_vars,
+    convert_toleration,
+)
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.providers.cncf.kubernetes.secret import Secret
+from airflow.sdk import Context, conf
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
+from kubernetes.client import models as k8s
+from studio_runner.outcome import Status
+from studio_runner.request import Request, RequestError, Resources
+from studio_runner.units import parse_size
+
+from airflow_provider_studio.experiment_request import (
+    CREDENTIAL_NAMES,
+    ExperimentSpec,
+    RequestBuilder,
+    S3Endpoint,
+    default_experiment_key,
+    resources_from,
+    results_prefix,
+)
+from airflow_provider_studio.links.experiment import StudioArtifactsLink
+
+KUBERNETES = "kubernetes"
+LOCAL = "local"
+EXECUTION_MODES = (KUBERNETES, LOCAL)
+
+DEFAULT_RUNNER_IMAGE = "ghcr.io/airflow-provider-studio/studio-runner:0.1.0"
+XCOM_RESULT_FILE = "/airflow/xcom/return.json"
+"""Where KPO's xcom sidecar reads the return value; the runner writes its summary there."""
+MAX_POD_REQUEST_BYTES = 127 * 1024
+"""Linux refuses to start a process with one environment string over 128 KiB."""
+WORK_MOUNT = "/studio"
+WORK_VOLUME = "studio-work"
+SHM_VOLUME = "dshm"
+GPU_RESOURCE = "nvidia.com/gpu"
+DEFAULT_GPU_NODE_SELECTOR: Mapping[str, str] = {"nvidia.com/gpu.present": "true"}
+"""The label NVIDIA's GPU feature discovery (GPU operator) puts on GPU nodes."""
+DEFAULT_GPU_TOLERATIONS: tuple[k8s.V1Toleration, ...] = (
+    k8s.V1Toleration(key=GPU_RESOURCE, operator="Exists", effect="NoSchedule"),
+)
+DEFAULT_CREDENTIALS_SECRET = "studio-s3-credentials"
+DEFAULT_CREDENTIALS_SECRET_KEYS: Mapping[str, str] = {
+    "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+}
+"""Pod environment variable → key in the Secret."""
+
+_RUNNER_OPTION_ENV = frozenset({"REQUEST_JSON", "REQUEST", "RESULT_FILE", "WORKING_DIR", "CACHE_DIR"})
+"""The runner reads its options from these too (``REQUEST_JSON`` even wins over ``--request``),
+so a worker's stray values must not reach a local runner."""
+_LOG_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+_POLL_SECONDS = 0.2
+
+
+class StudioExperimentFailed(AirflowException):
+    """The runner ran the experiment and it did not succeed; ``summary`` is the runner's summary."""
+
+    def __init__(self, message: str, summary: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.summary = dict(summary or {})
+
+
+class StudioRequestRefused(StudioExperimentFailed, AirflowFailException):
+    """The runner refused the request as unrunnable; retrying the same request cannot help."""
+
+
+class StudioExperimentOperator(KubernetesPodOperator):
+    """Run a StudioML experiment (script or module, args, workspace) with ``studio-runner run``.
+
+    The request is built at run time on the worker: a local ``workspace`` folder is packed and
+    stored as ``blobstore/<sha256>.tar`` in ``results_bucket`` (once per content), and results
+    go to ``experiments/<experiment_key>/`` there. No credential ever enters the request, the
+    pod spec or a rendered field.
+
+    **Kubernetes mode** (``[studio] execution_mode = kubernetes``, the default): a pod of
+    ``runner_image`` runs ``studio-runner run`` with the request in ``REQUEST_JSON`` and writes
+    its summary to ``/airflow/xcom/return.json``, which KPO's xcom sidecar returns. GPUs come
+    from ``resources_needed``: ``nvidia.com/gpu`` = the card count, CPU and memory requests,
+    a GPU node selector and toleration. S3 keys reach the pod only as ``secretKeyRef``s to
+    ``s3_credentials_secret``. Every KubernetesPodOperator argument can still be given and then
+    wins (``deferrable=True``, ``namespace``, ``affinity``, ``volumes`` ...).
+
+    **Local mode** (``execution_mode="local"`` or ``AIRFLOW__STUDIO__EXECUTION_MODE=local``):
+    the same command runs on the worker, with the request on stdin and the AWS connection's
+    keys in its environment only; the experiment's console streams into the task log. The
+    runner's virtualenv cache lives in ``[studio] local_cache_dir`` (default
+    ``$AIRFLOW_HOME/studio-runner/cache``), so it is built once per requirements set.
+
+    :param script: (templated) file in the workspace to run.
+    :param module: (templated) or a module to run with ``python -m``.
+    :param args: (templated) arguments, each shell-quoted as ``studio run`` does; a string is
+        split like a shell would. Map over it: ``.partial(...).expand(args=[[...], [...]])``.
+    :param workspace: (templated) local folder, ``s3://bucket/key.tar``, or None (empty).
+    :param inputs: (templated) more immutable inputs, label → ``s3://bucket/key`` or local path.
+    :param experiment_key: (templated) the StudioML experiment key; default
+        ``<dag_id>_<run_id>_<task_id>[_<map_index>]`` made safe for S3 (no ``/``). Retries
+        reuse it, so results land in one place.
+    :param results_bucket: (templated) bucket for blobs and results; default the connection's
+        ``service_config.s3.bucket_name`` extra.
+    :param aws_conn_id: AWS connection for S3. For SeaweedFS or MinIO, set its
+        ``endpoint_url`` extra; runners then address ``s3://host:port/bucket/key``.
+    :param pythonver: (templated) workload Python ``major.minor``; default the worker's.
+    :param pythonenv: (templated) requirement lines for the workload's virtualenv.
+    :param pip: (templated) extra packages (``config.pip``).
+    :param resources_needed: (templated) StudioML resources: ``cpus``, ``ram``, ``hdd``,
+        ``gpus``, ``gpuCount``, ``gpuMem``. (Not ``resources``: that name is BaseOperator's.)
+    :param max_duration: (templated) per-attempt limit (``"2h"``, seconds, timedelta).
+    :param lifetime: (templated) ``experimentLifetime``: give up on the work after this long.
+    :param project: (templated) StudioML project.
+    :param env: (templated) the workload's environment (``config.env``), not the pod's.
+    :param execution_mode: ``"kubernetes"`` or ``"local"``; default ``[studio] execution_mode``,
+        read on the worker when the task runs.
+    :param runner_image: runner image; default ``[studio] runner_image``.
+    :param runner_options: extra ``studio-runner run`` options, e.g. ``["--installer", "uv"]``.
+    :param fail_on_experiment_error: False returns the summary of an experiment that did not
+        succeed instead of failing the task. A runner that left no summary (pod never ran,
+        runner crashed) still fails the task.
+    :param gpu_node_selector: node selector for GPU experiments; default
+        ``{"nvidia.com/gpu.present": "true"}``, ``{}`` for none. Ignored without GPUs or when
+        ``node_selector`` is given.
+    :param gpu_tolerations: tolerations for GPU experiments; default ``nvidia.com/gpu`` Exists
+        NoSchedule. Ignored without GPUs or when ``tolerations`` is given.
+    :param s3_credentials_secret: Kubernetes Secret holding the runner's S3 keys; None when the
+        pod gets them otherwise (IRSA, instance role).
+    :param s3_credentials_secret_keys: pod variable → key in that Secret; default
+        ``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY`` under the same names.
+    :param shm_size: size limit of the memory-backed ``/dev/shm`` (e.g. ``"8Gi"``); default none.
+    :param local_kill_grace_period: local mode: seconds between SIGTERM (the runner stops the
+        workload and uploads what it has) and SIGKILL when the task is killed.
+
+    Mapped experiments read best with ``map_index_template``; the operator puts the key in the
+    context as ``experiment_key``::
+
+        StudioExperimentOperator.partial(
+            task_id="evaluate",
+            script="train.py",
+            workspace="/opt/airflow/dags/enn/workspace",
+            results_bucket="studio-results",
+            resources_needed={"cpus": 4, "ram": "16g", "gpus": 1},
+            map_index_template="{{ experiment_key }}",   # or "genome {{ task.args[1] }}"
+            fail_on_experiment_error=False,
+        ).expand(args=[["--genome", "g-001"], ["--genome", "g-002"]])
+    """
+
+    template_fields: Sequence[str] = (
+        *KubernetesPodOperator.template_fields,
+        "experiment_key",
+        "script",
+        "module",
+        "args",
+        "workspace",
+        "inputs",
+        "pythonver",
+        "pythonenv",
+        "pip",
+        "resources_needed",
+        "max_duration",
+        "lifetime",
+        "project",
+        "env",
+        "results_bucket",
+        "studio_request",
+    )
+    template_fields_renderers = {
+        **KubernetesPodOperator.template_fields_renderers,
+        "studio_request": "json",
+        "env": "json",
+        "resources_needed": "json",
+        "args": "json",
+        "inputs": "json",
+    }
+    operator_extra_links = (StudioArtifactsLink(),)
+    overwrite_rtif_after_execution = True
+    """Rendered fields are re-sent at task end, so they show the request that actually ran."""
+    ui_color = "#d9ecd0"
+    ui_fgcolor = "#1f3b12"
+
+    def __init__(
+        self,
+        *,
+        script: str | None = None,
+        module: str | None = None,
+        args: Sequence[Any] | str | None = None,
+        workspace: str | os.PathLike[str] | None = None,
+        inputs: Mapping[str, str] | None = None,
+        experiment_key: str | None = None,
+        results_bucket: str | None = None,
+        aws_conn_id: str | None = "aws_default",
+        pythonver: str | None = None,
+        pythonenv: Sequence[str] | None = None,
+        pip: Sequence[str] | None = None,
+        resources_needed: Mapping[str, Any] | None = None,
+        max_duration: str | float | None = None,
+        lifetime: str | float | None = None,
+        project: str | None = None,
+        env: Mapping[str, Any] | None = None,
+        execution_mode: str | None = None,
+        runner_image: str | None = None,
+        runner_options: Sequence[str] = (),
+        fail_on_experiment_error: bool = True,
+        gpu_node_selector: Mapping[str, str] | None = None,
+        gpu_tolerations: Sequence[k8s.V1Toleration | Mapping[str, Any]] | None = None,
+        s3_credentials_secret: str | None = DEFAULT_CREDENTIALS_SECRET,
+        s3_credentials_secret_keys: Mapping[str, str] | None = None,
+        shm_size: str | None = None,
+        local_kill_grace_period: float = 60.0,
+        **kwargs: Any,
+    ) -> None:
+        if execution_mode is not None and execution_mode not in EXECUTION_MODES:
+            raise ValueError(f"execution_mode must be one of {EXECUTION_MODES}, not {execution_mode!r}")
+        self.script = script
+        self.module = module
+        self.args = args
+        self.workspace = os.fspath(workspace) if isinstance(workspace, os.PathLike) else workspace
+        self.inputs = {k: os.fspath(v) for k, v in inputs.items()} if isinstance(inputs, Mapping) else inputs
+        self.experiment_key = experiment_key
+        self.results_bucket = results_bucket
+        self.aws_conn_id = aws_conn_id
+        self.pythonver = pythonver
+        self.pythonenv = pythonenv
+        self.pip = pip
+        self.resources_needed = resources_needed
+        self.max_duration = max_duration
+        self.lifetime = lifetime
+        self.project = project
+        self.env = env
+        self.execution_mode = execution_mode
+        self.runner_options = list(runner_options)
+        self.fail_on_experiment_error = fail_on_experiment_error
+        self.gpu_node_selector = gpu_node_selector
+        self.gpu_tolerations = gpu_tolerations
+        self.shm_size = shm_size
+        self.local_kill_grace_period = local_kill_grace_period
+        self.studio_request: dict[str, Any] | None = None
+        """The request that ran (set when the task runs; shown under Rendered Templates)."""
+
+        # Pod shape that depends on (possibly templated) resources is filled in when the pod is
+        # built, after rendering; what the caller gave explicitly is left alone.
+        self._derived_pod_fields = frozenset(
+            name
+            for name in ("container_resources", "node_selector", "tolerations")
+            if kwargs.get(name) is None
+        )
+        kwargs.setdefault(
+            "image", runner_image or conf.get("studio", "runner_image", fallback=DEFAULT_RUNNER_IMAGE)
+        )
+        kwargs.setdefault("cmds", ["studio-runner"])
+        kwargs.setdefault(
+            "arguments",
+            [
+                "run",
+                "--result-file",
+                XCOM_RESULT_FILE,
+                "--working-dir",
+                f"{WORK_MOUNT}/work",
+                "--cache-dir",
+                f"{WORK_MOUNT}/cache",
+                "--log-format",
+                "json",
+                *self.runner_options,
+            ],
+        )
+        kwargs.setdefault("do_xcom_push", True)
+        kwargs.setdefault("volumes", _volumes(shm_size))
+        kwargs.setdefault(
+            "volume_mounts",
+            [
+                k8s.V1VolumeMount(name=SHM_VOLUME, mount_path="/dev/shm"),
+                k8s.V1VolumeMount(name=WORK_VOLUME, mount_path=WORK_MOUNT),
+            ],
+        )
+        kwargs.setdefault("secrets", _credential_secrets(s3_credentials_secret, s3_credentials_secret_keys))
+        super().__init__(**kwargs)
+        self._hook: S3Hook | None = None
+        self._s3_endpoint: S3Endpoint | None = None
+        self._summary: dict[str, Any] | None = None
+        self._concluded: dict[str, Any] | None = None
+        self._local_process: subprocess.Popen[bytes] | None = None
+
+    # --- the request -------------------------------------------------------------------------
+
+    def prepare_request(self, context: Context) -> Request:
+        """Build the request (uploading the workspace if the store lacks it) and remember it.
+
+        Called by ``execute``; call it yourself before ``build_pod_request_obj`` to see the pod
+        exactly as it would run. A request that cannot run fails the task without retries.
+        """
+        key = self._experiment_key(context)
+        self._hook = hook = S3Hook(aws_conn_id=self.aws_conn_id)
+        bucket = self.results_bucket or hook.service_config.get("bucket_name")
+        if not bucket:
+            raise AirflowFailException(
+                "no results bucket: pass results_bucket, or set service_config.s3.bucket_name in the "
+                f"extra of AWS connection {self.aws_conn_id!r}"
+            )
+        try:
+            spec = ExperimentSpec(
+                key=key,
+                script=self.script,
+                module=self.module,
+                args=self.args,
+                workspace=self.workspace,
+                pythonver=self.pythonver,
+                pythonenv=self.pythonenv,
+                pip=self.pip,
+                resources=self.resources_needed,
+                max_duration=self.max_duration,
+                lifetime=self.lifetime,
+                project=self.project,
+                inputs=self.inputs,
+                env=self.env,
+            )
+            builder = RequestBuilder(hook, bucket)
+            request = builder.build(spec)
+        except (ValueError, RequestError) as error:  # pydantic's ValidationError is a ValueError
+            raise AirflowFailException(f"experiment {key}: {error}") from None
+        self._s3_endpoint = builder.endpoint
+        self.experiment_key = key
+        self.results_bucket = bucket
+        self.studio_request = request.to_wire()
+        self.log.info(
+            "experiment %s: results in s3://%s/%s at %s",
+            key,
+            bucket,
+            results_prefix(key),
+            builder.endpoint.browse_url,
+        )
+        return request
+
+    def _experiment_key(self, context: Context) -> str:
+        """The key, also put in the context so ``map_index_template="{{ experiment_key }}"`` works."""
+        key = self.experiment_key
+        if not key:
+            ti = context.get("ti")
+            if ti is not None:
+                key = default_experiment_key(ti.dag_id, ti.run_id, ti.task_id, getattr(ti, "map_index", -1))
+            else:
+                key = default_experiment_key(
+                    self.dag_id, str(context.get("run_id") or "manual"), self.task_id
+                )
+        context["experiment_key"] = key  # type: ignore[typeddict-unknown-key]
+        return key
+
+    def _mode(self) -> str:
+        mode = (self.execution_mode or conf.get("studio", "execution_mode", fallback=KUBERNETES)).strip()
+        if mode.lower() not in EXECUTION_MODES:
+            raise AirflowFailException(
+                f"[studio] execution_mode is {mode!r}; set it to one of {EXECUTION_MODES} "
+                "(AIRFLOW__STUDIO__EXECUTION_MODE)"
+            )
+        return mode.lower()
+
+    # --- running -----------------------------------------------------------------------------
+
+    def execute(self, context: Context) -> Any:
+        self._summary = self._concluded = None
+        mode = self._mode()
+        request = self.prepare_request(context)
+        if mode == LOCAL:
+            return self._conclude(self._run_locally(request), context)
+        try:
+            result = super().execute(context)
+        except AirflowSkipException:
+            raise
+        except AirflowException as error:
+            return self._after_pod_failure(error, context)
+        if result is None and self._concluded is not None:
+            # deferrable, and the pod had already ended: KPO re-entered inline and returned nothing
+            return self._concluded
+        return self._conclude(result, context)
+
+    def trigger_reentry(self, context: Context, event: dict[str, Any]) -> Any:
+        """The deferrable path's end: the same verdict on the summary as ``execute``."""
+        self._summary = None
+        self._experiment_key(context)
+        try:
+            result = super().trigger_reentry(context, event)
+        except AirflowSkipException:
+            raise
+        except AirflowException as error:
+            return self._after_pod_failure(error, context)
+        return self._conclude(result, context)
+
+    def extract_xcom(self, pod: k8s.V1Pod, *args: Any, **kwargs: Any) -> dict[Any, Any] | None:
+        """KPO's read of the runner's summary, kept so a failed pod can still be judged by it."""
+        result = super().extract_xcom(pod, *args, **kwargs)
+        self._summary = result if isinstance(result, dict) else None
+        return result
+
+    def _after_pod_failure(self, error: AirflowException, context: Context) -> Any:
+        """The pod failed: with the runner's summary the verdict is the runner's, else KPO's error."""
+        if self._summary is None:
+            raise error
+        # KPO has already pushed the summary to XCom on its failure path.
+        return self._conclude(self._summary, context, cause=error, pushed=True)
+
+    def _conclude(
+        self,
+        summary: Any,
+        context: Context,
+        *,
+        cause: BaseException | None = None,
+        pushed: bool = False,
+    ) -> Any:
+        if summary is None and not self.do_xcom_push:
+            return None  # no sidecar, no summary: the pod's exit status was the verdict
+        if not isinstance(summary, dict) or "status" not in summary:
+            raise AirflowException(
+                f"studio-runner left no result summary for experiment {self.experiment_key} "
+                "(its log above says why)"
+            ) from cause
+        self._concluded = summary
+        status = summary.get("status")
+        key = summary.get("key") or self.experiment_key
+        if status == Status.SUCCEEDED.value and summary.get("results_saved", True) is not False:
+            self.log.info(
+                "experiment %s succeeded in %ss; results: %s",
+                key,
+                summary.get("duration_seconds"),
+                ", ".join(sorted(summary.get("artifacts") or {})) or "none",
+            )
+            return summary
+        reason = summary.get("reason") or f"exit code {summary.get('exit_code')}"
+        message = f"experiment {key} {status}: {reason}"
+        if not self.fail_on_experiment_error:
+            self.log.warning("%s; returning its summary (fail_on_experiment_error=False)", message)
+            return summary
+        if not pushed and context.get("ti") is not None:
+            # as KPO does on a failed pod: the summary stays readable in XCom
+            context["ti"].xcom_push(key="return_value", value=summary)
+        error_class = StudioRequestRefused if status == Status.INVALID.value else StudioExperimentFailed
+        raise error_class(message, summary) from cause
+
+    # --- the pod -----------------------------------------------------------------------------
+
+    def build_pod_request_obj(self, context: Context | None = None, *, dry_run: bool = False) -> k8s.V1Pod:
+        """KPO's pod, after the parts that follow from the rendered request are filled in."""
+        self._shape_pod()
+        return super().build_pod_request_obj(context, dry_run=dry_run)
+
+    def _shape_pod(self) -> None:
+        resources = self._resources()
+        gpus = resources.cards > 0
+        if "container_resources" in self._derived_pod_fields:
+            self.container_resources = pod_resources(resources)
+        if "node_selector" in self._derived_pod_fields:
+            selector = DEFAULT_GPU_NODE_SELECTOR if self.gpu_node_selector is None else self.gpu_node_selector
+            self.node_selector = dict(selector) if gpus else {}
+        if "tolerations" in self._derived_pod_fields:
+            tolerations = DEFAULT_GPU_TOLERATIONS if self.gpu_tolerations is None else self.gpu_tolerations
+            self.tolerations = [convert_toleration(t) for t in tolerations] if gpus else []
+        env = list(convert_env_vars(self.env_vars or []))
+        names = {variable.name for variable in env}
+        if self.studio_request is not None and "REQUEST_JSON" not in names:
+            request_json = json.dumps(self.studio_request, separators=(",", ":"))
+            if len(request_json.encode()) > MAX_POD_REQUEST_BYTES:
+                raise AirflowFailException(
+                    f"the request is {len(request_json.encode())} bytes, more than one environment "
+                    f"variable can hold ({MAX_POD_REQUEST_BYTES}); shorten pythonenv, env or args"
+                )
+            env.append(k8s.V1EnvVar(name="REQUEST_JSON", value=request_json))
+        endpoint = self._s3_endpoint
+        if endpoint is not None and endpoint.region and "AWS_DEFAULT_REGION" not in names:
+            env.append(k8s.V1EnvVar(name="AWS_DEFAULT_REGION", value=endpoint.region))
+        self.env_vars = env
+        if endpoint is not None and endpoint.https and "--s3-https" not in self.arguments:
+            self.arguments = [*self.arguments, "--s3-https"]
+        if self.experiment_key:
+            self.annotations = {**(self.annotations or {}), "studioml/experiment-key": self.experiment_key}
+
+    def _resources(self) -> Resources:
+        try:
+            return resources_from(self.resources_needed)
+        except ValueError as error:
+            raise AirflowFailException(f"resources_needed: {error}") from None
+
+    # --- local mode --------------------------------------------------------------------------
+
+    def _run_locally(self, request: Request) -> dict[str, Any] | None:
+        """``studio-runner run --request -`` on this worker; the summary from its result file."""
+        endpoint = self._s3_endpoint
+        assert endpoint is not None, "prepare_request() sets the endpoint"
+        work_dir, cache_dir = local_dirs()
+        with tempfile.TemporaryDirectory(prefix="studio-result-") as scratch:
+            result_file = Path(scratch) / "summary.json"
+            command = [
+                *runner_command(),
+                "run",
+                "--request",
+                "-",
+                "--result-file",
+                str(result_file),
+                "--working-dir",
+                str(work_dir),
+                "--cache-dir",
+                str(cache_dir),
+                "--log-format",
+                "json",
+                *(["--s3-https"] if endpoint.https else []),
+                # no GPU asked for: no GPU probe (and its warning) on a CPU worker
+                *([] if request.experiment.resources_needed.cards else ["--cpu-only"]),
+                *self.runner_options,
+            ]
+            self.log.info("running %s", shlex.join(command))
+            tail: collections.deque[str] = collections.deque(maxlen=20)
+            # Own session: the supervisor's signals to the task's process group must not cut the
+            # runner short; on_kill stops it gracefully so it can still upload what it has.
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=self._local_environment(endpoint),
+                start_new_session=True,
+            )
+            self._local_process = process
+            relays = [
+                threading.Thread(target=self._relay_console, args=(process.stdout,), daemon=True),
+                threading.Thread(target=self._relay_runner_log, args=(process.stderr, tail), daemon=True),
+            ]
+            for relay in relays:
+                relay.start()
+            try:
+                assert process.stdin is not None
+                with contextlib.suppress(BrokenPipeError):
+                    process.stdin.write(request.to_json().encode())
+                    process.stdin.close()
+                while process.poll() is None:
+                    time.sleep(_POLL_SECONDS)
+            except BaseException:
+                self._stop_local_runner()
+                raise
+            finally:
+                for relay in relays:
+                    relay.join(timeout=30)
+                self._local_process = None
+            summary = _read_summary(result_file)
+        if summary is None:
+            last = "\n".join(tail) or "(no output)"
+            raise AirflowException(
+                f"studio-runner exited with status {process.returncode} without a result summary; "
+                f"its last log lines:\n{last}"
+            )
+        return summary
+
+    def _local_environment(self, endpoint: S3Endpoint) -> dict[str, str]:
+        """The worker's environment less Airflow's settings (which can hold secrets), plus the
+        connection's keys: the only place the local runner's credentials appear."""
+        env = {
+            name: value
+            for name, value in os.environ.items()
+            if not name.startswith(("AIRFLOW", "_AIRFLOW")) and name not in _RUNNER_OPTION_ENV
+        }
+        keys = self._connection_keys()
+        if keys is not None:
+            for name in CREDENTIAL_NAMES:
+                env.pop(name, None)
+            env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"] = keys[0], keys[1]
+            if keys[2]:
+                env["AWS_SESSION_TOKEN"] = keys[2]
+        if endpoint.region:
+            env["AWS_DEFAULT_REGION"] = endpoint.region
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def _connection_keys(self) -> tuple[str, str, str | None] | None:
+        """The connection's resolved keys (role assumption and all), else its login and password."""
+        hook = self._hook or S3Hook(aws_conn_id=self.aws_conn_id)
+        try:
+            credentials = hook.get_credentials()
+            if credentials.access_key and credentials.secret_key:
+                return credentials.access_key, credentials.secret_key, credentials.token
+        except Exception as error:
+            self.log.info("AWS connection %s resolved no session keys (%s)", self.aws_conn_id, error)
+        if self.aws_conn_id:
+            connection = hook.get_connection(self.aws_conn_id)
+            if connection.login and connection.password:
+                return connection.login, connection.password, None
+        self.log.warning(
+            "AWS connection %s gives no keys; the runner will use the worker's own credential chain",
+            self.aws_conn_id,
+        )
+        return None
+
+    def _relay_console(self, stream: IO[bytes]) -> None:
+        """The experiment's console (runner notes and workload output), line by line, as it comes."""
+        for raw in iter(stream.readline, b""):
+            self.log.info("%s", raw.decode("utf-8", errors="replace").rstrip("\r\n"))
+        stream.close()
+
+    def _relay_runner_log(self, stream: IO[bytes], tail: collections.deque[str]) -> None:
+        """The runner's JSON events as one readable line each, at their own level."""
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = None
+            if isinstance(event, dict) and "msg" in event:
+                level = _LOG_LEVELS.get(str(event.get("level", "info")).lower(), logging.INFO)
+                text = str(event["msg"])
+                if event.get("error"):
+                    text += "\n" + str(event["error"])
+                self.log.log(level, "studio-runner: %s", text)
+            else:
+                text = line
+                self.log.warning("studio-runner: %s", text)
+            tail.append(text)
+        stream.close()
+
+    def _stop_local_runner(self) -> None:
+        """SIGTERM (the runner stops the workload and uploads what it has), SIGKILL after the grace."""
+        process = self._local_process
+        if process is None or process.returncode is not None or _exited(process.pid):
+            return
+        self.log.warning(
+            "stopping studio-runner (pid %d): SIGTERM now, SIGKILL in %.0fs",
+            process.pid,
+            self.local_kill_grace_period,
+        )
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.local_kill_grace_period
+        while time.monotonic() < deadline:
+            if _exited(process.pid):
+                return
+            time.sleep(_POLL_SECONDS)
+        self.log.error("studio-runner (pid %d) still running; killing it", process.pid)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+    def on_kill(self) -> None:
+        if self._local_process is not None:
+            self._stop_local_runner()
+        super().on_kill()
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def pod_resources(resources: Resources) -> k8s.V1ResourceRequirements | None:
+    """CPU and memory requests and the GPU limit (extended resources go in limits) for a request."""
+    requests: dict[str, str] = {}
+    if resources.cpus:
+        requests["cpu"] = str(resources.cpus)
+    if resources.ram_bytes:
+        requests["memory"] = kubernetes_quantity(resources.ram_bytes)
+    limits = {GPU_RESOURCE: str(resources.cards)} if resources.cards else {}
+    if not requests and not limits:
+        return None
+    return k8s.V1ResourceRequirements(requests=requests or None, limits=limits or None)
+
+
+def kubernetes_quantity(size: int) -> str:
+    """Bytes as the shortest exact Kubernetes quantity (StudioML ``"2g"`` is ``2G``, ``"2GiB"`` ``2Gi``)."""
+    for suffix, factor in (
+        ("Ti", 1024**4),
+        ("T", 1000**4),
+        ("Gi", 1024**3),
+        ("G", 1000**3),
+        ("Mi", 1024**2),
+        ("M", 1000**2),
+        ("Ki", 1024),
+        ("k", 1000),
+    ):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{suffix}"
+    return str(size)
+
+
+def _volumes(shm_size: str | None) -> list[k8s.V1Volume]:
+    limit = kubernetes_quantity(parse_size(shm_size)) if shm_size else None
+    return [
+        k8s.V1Volume(
+            name=SHM_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=limit)
+        ),
+        k8s.V1Volume(name=WORK_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource()),
+    ]
+
+
+def _credential_secrets(name: str | None, keys: Mapping[str, str] | None) -> list[Secret]:
+    if not name:
+        return []
+    return [
+        Secret("env", variable, name, key)
+        for variable, key in (keys or DEFAULT_CREDENTIALS_SECRET_KEYS).items()
+    ]
+
+
+def local_dirs() -> tuple[Path, Path]:
+    """Working and cache folders for local runs; persistent by default, so the venv cache is reused."""
+    home = Path(os.environ.get("AIRFLOW_HOME") or Path.home() / "airflow")
+    work = conf.get("studio", "local_working_dir", fallback="") or ""
+    cache = conf.get("studio", "local_cache_dir", fallback="") or ""
+    return (
+        Path(work).expanduser() if work.strip() else home / "studio-runner" / "work",
+        Path(cache).expanduser() if cache.strip() else home / "studio-runner" / "cache",
+    )
+
+
+def runner_command() -> list[str]:
+    """``studio-runner`` beside this interpreter (virtualenvs), on PATH, or as a module."""
+    beside = Path(sys.executable).parent / "studio-runner"
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("studio-runner")
+    if found:
+        return [found]
+    return [sys.executable, "-m", "studio_runner.cli"]
+
+
+def _read_summary(path: Path) -> dict[str, Any] | None:
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def _exited(pid: int) -> bool:
+    """Whether a child has ended, without reaping it (so no lock is shared with Popen.poll)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
