@@ -20,14 +20,6 @@ from airflow_provider_studio.get_provider_info import get_provider_info
 
 PACKAGE = "airflow-provider-studio"
 
-NOT_WRITTEN_YET = {
-    "airflow_provider_studio.operators.experiment",
-    "airflow_provider_studio.operators.metadata",
-    "airflow_provider_studio.links.experiment",
-}
-"""Modules other engineers are writing. Each is skipped only while its file does not exist; from the
-moment it exists it must import and hold what the provider info promises. Delete entries once landed."""
-
 KIND_BASES = {
     "operators": BaseOperator,
     "sensors": BaseSensorOperator,
@@ -55,8 +47,6 @@ def _declared() -> list[tuple[str, str, str | None]]:
 
 
 def _import(module: str):
-    if module in NOT_WRITTEN_YET and importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} is not written yet")
     return importlib.import_module(module)
 
 
@@ -70,10 +60,6 @@ def test_every_section_uses_the_declared_integration():
     integrations = {item["integration-name"] for item in info["integrations"]}
     for kind in KIND_BASES:
         assert {group["integration-name"] for group in info[kind]} <= integrations, kind
-
-
-def test_pending_list_only_names_declared_modules():
-    assert {module for _, module, _ in _declared()} >= NOT_WRITTEN_YET
 
 
 @pytest.mark.parametrize(
