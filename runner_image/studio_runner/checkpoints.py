@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 from collections.abc import Callable
@@ -21,9 +22,15 @@ class Checkpointer:
         self._period = period
         self._action = action
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._name = name
+        self._thread: threading.Thread | None = None
 
     def __enter__(self) -> Checkpointer:
+        # the loop runs in a copy of the entering thread's context, so its log lines keep the
+        # experiment and queue (threads start with an empty context)
+        self._thread = threading.Thread(
+            target=contextvars.copy_context().run, args=(self._loop,), name=self._name, daemon=True
+        )
         self._thread.start()
         return self
 
@@ -31,7 +38,8 @@ class Checkpointer:
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
 
     def _loop(self) -> None:
         while not self._stop.wait(self._period):

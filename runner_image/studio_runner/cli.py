@@ -8,6 +8,7 @@ Kubernetes ConfigMap can configure the runner without touching its command line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -16,20 +17,27 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import logs
 from .cache import DownloadCache
+from .envelope import MessageKeys, open_message
 from .experiment import ExperimentRunner
 from .gpus import inventory, parse_slot_overrides, visible_devices_from_env
 from .outcome import EXIT_CODES, Outcome, Status
 from .pythonenv import VirtualenvCache
-from .request import RequestError, decode_request
+from .request import RequestError
 from .resources import ResourcePool
 from .storage import Storage, StorageSettings
 from .units import parse_duration, parse_size
+
+if TYPE_CHECKING:
+    from .health import HealthServer
+    from .metrics import RunnerMetrics
+    from .reports import Reporter, ResponseQueues
+    from .service import Service
 
 log = logging.getLogger("studio_runner")
 
@@ -50,6 +58,8 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(name for name in text.replace(",", " ").split() if name)
 
 
+DEFAULT_PROM_ADDRESS = ":9090"
+"""Upstream's port. Taken when free: a busy default port is a warning, a busy chosen one an error."""
 _DEFAULT_ROOT = Path(os.environ.get("TMPDIR") or tempfile.gettempdir()) / "studio-runner"
 
 # (option, type, default, help): the option's environment variable is its upper-case name.
@@ -71,6 +81,12 @@ EXPERIMENT_OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
     ("--debug", FLAG, False, "keep experiment folders and log at debug level"),
     ("--log-format", str, "json", "'json' (one event per line) or 'text'"),
 )
+MESSAGE_KEY_OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
+    ("--encrypt-dir", Path, None, "folder with encryption/ssh-privatekey (RSA) and passphrase/"),
+    ("--request-signatures-dir", Path, None, "signers' ssh-ed25519 keys, files named by queue prefix"),
+    ("--clear-text-messages", FLAG, False, "with --encrypt-dir, also take clear-text requests"),
+)
+"""Encrypted and signed requests (spec §6): ``serve`` and ``run`` both open them."""
 SERVE_OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
     ("--amqp-url", str, None, "RabbitMQ URL, e.g. amqp://user:password@host:5672/%%2f"),
     ("--amqp-mgt-url", str, None, "RabbitMQ management URL (default: AMQP port + 10000)"),
@@ -83,11 +99,16 @@ SERVE_OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
     ("--max-attempts", int, 3, "attempts before a failing experiment is dead-lettered"),
     ("--limit-tasks", int, 0, "exit after this many experiments (0: no limit)"),
     ("--limit-idle-duration", _seconds, 0.0, "exit after this long without work (0: never)"),
+    ("--prom-address", str, DEFAULT_PROM_ADDRESS, "[HOST]:PORT of /metrics /healthz /readyz ('', off: none)"),
+    ("--state-file", Path, None, "mounted ConfigMap folder or file whose STATE drains the runner"),
+    *MESSAGE_KEY_OPTIONS,
+    ("--response-signatures-dir", Path, None, "RSA keys for <queue>_response reports, by queue prefix"),
 )
 RUN_OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
     ("--request", str, None, "request file, or '-' for standard input"),
     ("--request-json", str, None, "the request itself, as JSON (for a pod's environment)"),
     ("--result-file", Path, None, "where to write the JSON result summary"),
+    *MESSAGE_KEY_OPTIONS,
 )
 
 
@@ -198,11 +219,32 @@ def _print_line(line: str) -> None:
     sys.stdout.flush()
 
 
+def _message_keys(args: argparse.Namespace) -> MessageKeys | None:
+    """The key folders given, checked once at start so a broken setup fails before taking work."""
+    try:
+        keys = MessageKeys.from_options(
+            args.encrypt_dir, args.request_signatures_dir, getattr(args, "response_signatures_dir", None)
+        )
+    except ValueError as error:
+        raise _UsageError(str(error)) from None
+    if keys is not None:
+        if not keys.decrypts:
+            taking = "clear-text requests only"
+        elif args.clear_text_messages:
+            taking = "encrypted and clear-text requests"
+        else:
+            taking = "encrypted requests only"
+        log.info("message keys: %s; taking %s", keys.describe(), taking)
+    return keys
+
+
 # --- run ----------------------------------------------------------------------------------
 def _run(args: argparse.Namespace) -> int:
     body = _read_request(args)
+    keys = _message_keys(args)
     try:
-        request = decode_request(body)
+        # no queue here: a signature from any trusted signer is accepted
+        request = open_message(body, None, keys, clear_text_allowed=args.clear_text_messages)
     except RequestError as error:
         outcome = Outcome(Status.INVALID, reason=str(error))
     else:
@@ -246,10 +288,12 @@ def _on_stop_signals(stop: Callable[[], None]) -> None:
 
 # --- serve --------------------------------------------------------------------------------
 def _serve(args: argparse.Namespace) -> int:
+    from .drain import StateWatcher
+    from .metrics import RunnerMetrics
     from .queues.localdir import LocalDirTransport
     from .queues.rabbitmq import RabbitMQTransport
     from .queues.sqs import SqsTransport
-    from .service import QueueMatcher, Service
+    from .service import QueueMatcher, Service, current_transport_kind
 
     transports = []
     if args.amqp_url:
@@ -262,20 +306,36 @@ def _serve(args: argparse.Namespace) -> int:
         transports.append(LocalDirTransport(args.queue_root))
     if not transports:
         raise _UsageError("no queues to serve: give --amqp-url, --sqs-certs/--sqs-endpoint or --queue-root")
+    keys = _message_keys(args)
+    responses = _response_queues(transports, keys)
     runner = _runner(args, serve=True)
+    metrics = RunnerMetrics(runner.host)
+    metrics.watch_resources(runner.resources)
+    if runner.cache is not None:
+        metrics.watch_cache(runner.cache)
     wanted: dict[str, Any] = {}
 
     def handle(body: bytes, queue: str, attempts: int, cancel: threading.Event) -> Outcome:
         with logs.bound(queue=queue):
             try:
-                request = decode_request(body)
+                request = open_message(body, queue, keys, clear_text_allowed=args.clear_text_messages)
             except RequestError as error:
                 log.warning("rejecting a message from %s: %s", queue, error)
                 return Outcome(Status.INVALID, reason=str(error))
             wanted[queue] = request.experiment.resources_needed
             with logs.bound(experiment=request.key):
                 log.info("experiment %s from %s (attempt %d)", request.key, queue, attempts)
-                outcome = runner.run(request, cancel=cancel)
+                with (
+                    metrics.experiment_started(
+                        current_transport_kind() or "unknown",
+                        queue,
+                        request.project,
+                        request.key,
+                        request.experiment.time_added,
+                    ),
+                    _reporting(responses, queue, request.key, current_transport_kind()) as reporter,
+                ):
+                    outcome = runner.run(request, cancel=cancel, reporter=reporter)
                 log.info(
                     "experiment %s %s%s",
                     request.key,
@@ -292,14 +352,91 @@ def _serve(args: argparse.Namespace) -> int:
         limit_tasks=args.limit_tasks,
         limit_idle_seconds=args.limit_idle_duration,
         capacity=lambda queue: queue not in wanted or runner.resources.fits(wanted[queue]),
+        metrics=metrics,
     )
-    _on_stop_signals(lambda: service.stop(args.grace_period, wait=False))
+    _on_stop_signals(_stopper(service, args.grace_period))
+    health = _health_server(args.prom_address, metrics, service)
+    watcher = StateWatcher(args.state_file, service).start() if args.state_file else None
     log.info("serving %s", ", ".join(t.describe() for t in transports))
-    summary = service.run()
+    try:
+        summary = service.run()
+    finally:
+        if watcher is not None:
+            watcher.close()
+        if health is not None:
+            health.close()
     for transport in transports:
         transport.close()
     log.info("stopped (%s): %s", summary.ended_by, summary.statuses)
     return 0
+
+
+def _response_queues(transports: list[Any], keys: MessageKeys | None) -> ResponseQueues | None:
+    """Reports go to ``<queue>_response`` on the RabbitMQ broker, when response keys are given (spec §2.8)."""
+    from .reports import ResponseQueues
+
+    if keys is None or keys.response_signatures_dir is None:
+        return None
+    rabbitmq = next((t for t in transports if t.kind == "rmq"), None)
+    if rabbitmq is None:
+        log.warning("--response-signatures-dir is set but reports need RabbitMQ (--amqp-url); none are sent")
+        return None
+    return ResponseQueues.rabbitmq(rabbitmq, keys)
+
+
+@contextlib.contextmanager
+def _reporting(
+    responses: ResponseQueues | None, queue: str, key: str, transport_kind: str | None
+) -> Iterator[Reporter]:
+    """The attempt's reporter, closed (its reports flushed) when the attempt is over."""
+    from .reports import NO_REPORTS
+
+    if responses is None or transport_kind not in ("rmq", None):  # upstream reported on RabbitMQ only
+        yield NO_REPORTS
+        return
+    reporter = responses.open(queue, key)
+    try:
+        yield reporter
+    finally:
+        reporter.close()
+
+
+FINAL_UPLOAD_SECONDS = 60.0
+"""After SIGTERM the workload gets ``--grace-period``, then its results this long to upload before
+the message is given back regardless. A pod's terminationGracePeriodSeconds should cover both."""
+
+
+def _stopper(service: Service, grace_seconds: float) -> Callable[[], None]:
+    """First SIGTERM/SIGINT: stop taking work, stop the workload, save and requeue. Second: requeue now."""
+    signals = 0
+
+    def stop() -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            service.stop(grace_seconds + FINAL_UPLOAD_SECONDS, wait=False)
+        else:
+            log.warning("second stop signal: giving running work back to its queue now")
+            service.stop(0.0, wait=False)
+
+    return stop
+
+
+def _health_server(address: str, metrics: RunnerMetrics, service: Service) -> HealthServer | None:
+    from .health import HealthServer
+
+    if address.strip().lower() in ("", "off", "none"):
+        return None
+    try:
+        return HealthServer(address, metrics.registry, service).start()
+    except ValueError as error:
+        raise _UsageError(str(error)) from None
+    except OSError as error:
+        problem = f"--prom-address {address}: cannot listen ({error.strerror or error})"
+        if address == DEFAULT_PROM_ADDRESS:  # e.g. a second runner on one host: it still runs
+            log.warning("%s; no metrics or health endpoints (choose a port with --prom-address)", problem)
+            return None
+        raise _UsageError(problem) from None
 
 
 if __name__ == "__main__":

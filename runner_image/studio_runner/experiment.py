@@ -7,6 +7,7 @@ decode → time limit → allocate resources → fetch artifacts → prepare the
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import socket
 import threading
@@ -26,6 +27,7 @@ from .limits import TimeLimit, checkpoint_period, time_limit
 from .metadata import RunnerFacts, accession_id, scrape_file_name, write_scrape_file
 from .outcome import Outcome, Status
 from .pythonenv import PythonEnvError, VirtualenvCache, groom
+from .reports import NO_REPORTS, Reporter
 from .request import Request
 from .resources import Allocation, ResourcePool, ResourceUnavailable
 from .storage import Storage
@@ -53,7 +55,10 @@ class ExperimentRunner:
     on_line: Callable[[str], None] | None = None
     """Receives every line of the experiment's console log (runner notes and workload output)."""
 
-    def run(self, request: Request, *, cancel: threading.Event | None = None) -> Outcome:
+    def run(
+        self, request: Request, *, cancel: threading.Event | None = None, reporter: Reporter = NO_REPORTS
+    ) -> Outcome:
+        """``reporter`` receives this attempt's progress reports (response queue, spec §2.8)."""
         cancel = cancel or threading.Event()
         started = time.time()
         limit = time_limit(request, now=started)
@@ -67,12 +72,12 @@ class ExperimentRunner:
             return Outcome(Status.NO_CAPACITY, reason=str(error), key=request.key)
         with allocation:
             layout = ExperimentLayout.create(self.working_dir, request.key)
-            attempt = _Attempt(self, request, layout, allocation, started)
-            try:
-                with logs.bound(experiment=request.key):
+            attempt = _Attempt(self, request, layout, allocation, started, reporter)
+            with logs.bound(experiment=request.key):
+                try:
                     return attempt.run(limit, cancel)
-            finally:
-                attempt.clean_up()
+                finally:
+                    attempt.clean_up()
 
 
 class _Attempt:
@@ -85,7 +90,9 @@ class _Attempt:
         layout: ExperimentLayout,
         allocation: Allocation,
         started: float,
+        reporter: Reporter = NO_REPORTS,
     ) -> None:
+        self.reporter = reporter
         self.runner = runner
         self.request = request
         self.layout = layout
@@ -100,12 +107,24 @@ class _Attempt:
         """A runner line in the experiment's own console log, so the user sees it in ``output``."""
         with open(self.layout.output_file, "a", encoding="utf-8") as output:
             output.write(f"studio-runner: {line}\n")
+        self._line(f"studio-runner: {line}")
+
+    def _line(self, line: str) -> None:
         if self.runner.on_line is not None:
-            self.runner.on_line(f"studio-runner: {line}")
+            self.runner.on_line(line)
+        self.reporter.line(line)
 
     def run(self, limit: TimeLimit, cancel: threading.Event) -> Outcome:
-        status, reason, exit_code = self._execute(limit, cancel)
-        return self._finish(status, reason, exit_code)
+        self.reporter.started(self.accession)
+        try:
+            status, reason, exit_code = self._execute(limit, cancel)
+            outcome = self._finish(status, reason, exit_code)
+        except BaseException as error:
+            self.reporter.stopped(False, f"the runner failed: {error}")
+            raise
+        success = outcome.status is Status.SUCCEEDED and outcome.results_saved
+        self.reporter.stopped(success, outcome.reason, outcome.exit_code)
+        return outcome
 
     def _execute(self, limit: TimeLimit, cancel: threading.Event) -> tuple[Status, str, int | None]:
         request = self.request
@@ -147,7 +166,7 @@ class _Attempt:
                     deadline=deadline,
                     cancel=cancel,
                     grace_seconds=self.runner.grace_seconds,
-                    on_line=self.runner.on_line,
+                    on_line=self._line if self.runner.on_line or self.reporter is not NO_REPORTS else None,
                 )
         except ArtifactError as error:
             return (Status.INVALID if error.permanent else Status.INFRASTRUCTURE), str(error), None
@@ -227,7 +246,8 @@ class _Attempt:
             finally:
                 self.layout.remove()
 
-        timer = threading.Timer(delay, refresh_then_remove)
+        # threads start with an empty context: carry the experiment and queue into the timer's log lines
+        timer = threading.Timer(delay, contextvars.copy_context().run, args=(refresh_then_remove,))
         timer.daemon = True
         timer.start()
 

@@ -10,6 +10,7 @@ how a runner keeps at most one request in flight per queue (spec §2.5).
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import logging
 import re
@@ -19,6 +20,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from . import logs
+from .metrics import RunnerMetrics
 from .outcome import Disposition, Outcome, Status
 from .queues.base import NON_WORK_SUFFIXES, Delivery, Transport
 
@@ -30,6 +33,17 @@ Handler = Callable[[bytes, str, int, threading.Event], Outcome]
 """``handler(body, queue, attempts, cancel) -> Outcome``: runs one request; returns soon after ``cancel`` is set."""
 Capacity = Callable[[str], bool]
 """``capacity(queue)``: False when the last request seen on that queue would not fit now."""
+
+_transport_kind: contextvars.ContextVar[str | None] = contextvars.ContextVar("transport_kind", default=None)
+
+
+def current_transport_kind() -> str | None:
+    """The kind (``rmq``, ``sqs``, ``local``) of the transport whose message this thread handles.
+
+    Set on queue workers and inherited by the handler thread, so a handler can label metrics
+    without a wider ``Handler`` signature.
+    """
+    return _transport_kind.get()
 
 
 class RunnerState(str, enum.Enum):
@@ -113,6 +127,7 @@ class Service:
         limit_idle_seconds: float = 0.0,
         capacity: Capacity | None = None,
         settle_timeout: float = 30.0,
+        metrics: RunnerMetrics | None = None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, not {max_attempts}")
@@ -129,6 +144,7 @@ class Service:
         self.limit_idle_seconds = limit_idle_seconds
         self.capacity = capacity
         self.settle_timeout = settle_timeout
+        self.metrics = metrics
 
         self._cond = threading.Condition(threading.RLock())
         self._state = RunnerState.RUNNING
@@ -143,6 +159,8 @@ class Service:
         self._summary = ServiceSummary()
         self._statuses: Counter[str] = Counter()
         self._last_activity = time.monotonic()
+        self._loop_turned = time.monotonic()
+        self._last_answer: float | None = None
 
     # --- control (any thread) -----------------------------------------------------------------
     @property
@@ -154,6 +172,25 @@ class Service:
         """Requests being worked on now."""
         with self._cond:
             return len(self._jobs)
+
+    @property
+    def taking_work(self) -> bool:
+        """State Running, not draining, not stopping: new messages are taken."""
+        return self._taking_work()
+
+    @property
+    def ended(self) -> bool:
+        """``run()`` has finished or is winding down to return."""
+        return self._finished.is_set() or bool(self._summary.ended_by)
+
+    @property
+    def last_answer(self) -> float | None:
+        """``time.monotonic()`` when a queue server last answered a listing or a poll; None before any."""
+        return self._last_answer
+
+    def loop_age(self) -> float:
+        """Seconds since the ``run()`` loop last turned (or since construction, before it starts)."""
+        return time.monotonic() - self._loop_turned
 
     def queues(self) -> list[str]:
         """The queues being serviced now."""
@@ -212,7 +249,7 @@ class Service:
         abandon_deadline: float | None = None
         try:
             while True:
-                now = time.monotonic()
+                now = self._loop_turned = time.monotonic()
                 with self._cond:
                     ended_by = self._end_reason(now)
                     if ended_by is None and self._stop_deadline is not None and now >= self._stop_deadline:
@@ -273,6 +310,8 @@ class Service:
         try:
             names = transport.discover()
         except Exception as error:
+            if self.metrics is not None:
+                self.metrics.queues_listed(transport.describe(), ok=False)
             failures[index] += 1
             delay = min(2.0 ** (failures[index] - 1), 180.0)
             log.warning(
@@ -280,6 +319,9 @@ class Service:
             )
             return delay
         failures[index] = 0
+        self._last_answer = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.queues_listed(transport.describe(), ok=True)
         wanted = {name for name in names if self.matcher(name)}
         with self._cond:
             for name in sorted(wanted):
@@ -326,6 +368,11 @@ class Service:
 
     # --- queue workers ------------------------------------------------------------------------
     def _work(self, worker: _Worker) -> None:
+        _transport_kind.set(worker.transport.kind)  # this thread runs in its own context
+        with logs.bound(queue=worker.queue):
+            self._work_loop(worker)
+
+    def _work_loop(self, worker: _Worker) -> None:
         delay = 0.0
         while True:
             if delay:
@@ -347,6 +394,8 @@ class Service:
     def _poll_once(self, worker: _Worker, delay: float) -> float:
         """One attempt to take and run a message; returns how long to wait before the next."""
         if not self._taking_work():
+            if self.metrics is not None:
+                self.metrics.queue_ignored(worker.transport.kind, worker.queue)
             return self.poll_interval
         if self.capacity is not None:
             try:
@@ -358,12 +407,15 @@ class Service:
                 return self._backoff(delay)
         if not self._reserve():
             return self.poll_interval
+        if self.metrics is not None:
+            self.metrics.queue_checked(worker.transport.kind, worker.queue)
         try:
             delivery = worker.transport.get(worker.queue)
         except Exception as error:
             self._unreserve()
             log.warning("polling %s failed: %s", worker.queue, error)
             return self._backoff(delay)
+        self._last_answer = time.monotonic()
         if delivery is None:
             self._unreserve()
             return self._backoff(delay)
@@ -405,11 +457,12 @@ class Service:
                 delivery.close()
             return
         try:
-            log.info("running a request from %s (attempt %d)", worker.queue, delivery.attempts)
-            # the handler gets plain values, never the delivery: only this thread may touch that
+            log.debug("running a request from %s (attempt %d)", worker.queue, delivery.attempts)
+            # the handler gets plain values, never the delivery: only this thread may touch that;
+            # it runs in a copy of this thread's context, so its log lines and metrics keep the queue
             threading.Thread(
-                target=self._run_handler,
-                args=(job, delivery.body, delivery.queue, delivery.attempts),
+                target=contextvars.copy_context().run,
+                args=(self._run_handler, job, delivery.body, delivery.queue, delivery.attempts),
                 name=f"handler {worker.queue}",
                 daemon=True,
             ).start()
@@ -420,7 +473,8 @@ class Service:
                     "holding a message from %s failed; it stays ours until the run ends", worker.queue
                 )
                 job.release.wait()
-            self._settle(delivery, job.outcome)
+            with logs.bound(experiment=(job.outcome.key or None) if job.outcome else None):
+                self._settle(delivery, job.outcome)
         finally:
             delivery.close()
             with self._cond:
@@ -441,6 +495,10 @@ class Service:
                 Status.INFRASTRUCTURE,
                 reason=f"the runner's handler raised {type(error).__name__}: {error}",
                 duration_seconds=time.monotonic() - started,
+            )
+        if self.metrics is not None:
+            self.metrics.message_handled(
+                current_transport_kind() or "unknown", outcome.status.value, time.monotonic() - started
             )
         job.outcome = outcome
         job.release.set()

@@ -188,6 +188,8 @@ def serve_runner(
             services.amqp_management_url,
             *options,
         ]
+        if "--prom-address" not in options:
+            command += ["--prom-address", "off"]  # tests that read metrics choose a free port
         full_env = {**os.environ, "AWS_DEFAULT_REGION": services.region, **(env or {})}
         with open(log, "wb") as output:
             process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=full_env)
