@@ -8,7 +8,7 @@ UV := $(BIN)/uv
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint services services-stop bench clean
+.PHONY: setup demo ui test lint services services-stop bench image clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml runner_image/pyproject.toml constraints.txt
 
 demo: setup
 	@$(BIN)/python -m devtools.demo
+
+ui: setup
+	@$(BIN)/python -m devtools.demo ui
 
 test: setup
 	@$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -38,6 +41,9 @@ services-stop:
 bench: setup
 	@$(BIN)/python bench/runner_overhead.py
 	@$(BIN)/python bench/scrape_collect.py
+
+image: setup
+	@$(BIN)/python -m devtools.image build
 
 clean: services-stop
 	rm -rf $(VENV) .local .cache

@@ -204,13 +204,21 @@ def wanted_from(experiments: Any) -> list[Wanted]:
 
 
 def _flatten(items: Iterable[Any]) -> Iterator[Any]:
-    for item in items:
+    for item in _each(items):
         if isinstance(item, (str, bytes, Mapping)) or item is None:
             yield item
         elif isinstance(item, Iterable):
-            yield from item
+            yield from _each(item)
         else:
             yield item
+
+
+def _each(items: Iterable[Any]) -> Iterator[Any]:
+    """Items by index where the container has a length: iterating Airflow's lazy XCom sequence
+    fetches one entry past the end, which its client logs as an error in the task log."""
+    if hasattr(items, "__len__") and hasattr(items, "__getitem__"):
+        return (items[index] for index in range(len(items)))  # type: ignore[index]
+    return iter(items)
 
 
 def fields_from(fields: Any) -> tuple[str, ...]:
