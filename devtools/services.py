@@ -424,6 +424,14 @@ def _load(data_dir: Path) -> ServiceSet | None:
     )
 
 
+def load_running(data_dir: Path = DEFAULT_DATA_DIR) -> ServiceSet | None:
+    """The services an earlier ``start`` left running, when every one of them still is."""
+    running = _load(data_dir)
+    if running is None or not running.servers or not all(s.alive() for s in running.servers):
+        return None
+    return running
+
+
 def _save(services: ServiceSet) -> None:
     state = {
         "ports": asdict(services.ports),

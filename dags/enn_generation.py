@@ -1,0 +1,193 @@
+"""ENN generations: one DAG run trains one generation of a population of neural networks.
+
+    breed ──► train (one StudioML experiment per genome, mapped) ──► collect ──► select
+                                                                            └──► next_generation
+
+``breed`` makes generation ``g`` from generation ``g - 1``'s results in S3 (generation 0 is
+random); ``train`` runs each genome's experiment with ``StudioExperimentOperator`` (a GPU pod, or
+the worker itself in local mode); ``collect`` gathers the experiments' metadata with
+``MetadataScrapeOperator``; ``select`` scores the generation, records its summary and the fitness
+plot; and ``next_generation`` starts the run for ``g + 1`` until the generation limit or the
+target fitness is reached. Each generation is one row in the Grid view, retried and cleared on
+its own; clearing a generation re-runs it and, through ``reset_dag_run``, the ones after it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+from airflow.sdk import Param, dag, get_current_context, task
+
+from airflow_provider_studio.operators.experiment import StudioExperimentOperator
+from airflow_provider_studio.operators.metadata import MetadataScrapeOperator
+
+DAG_ID = "enn_generation"
+WORKLOAD = Path(__file__).parent / "enn" / "workload"
+AWS_CONN_ID = "aws_default"
+"""S3 for workspaces, results and campaign state; an ``endpoint_url`` extra points it at SeaweedFS or MinIO."""
+
+PARAMS = {
+    "campaign": Param(
+        "digits",
+        type="string",
+        pattern=r"^[a-z0-9][a-z0-9-]{0,40}$",
+        description="Names the campaign's S3 folder and run ids.",
+    ),
+    "generation": Param(
+        0, type="integer", minimum=0, description="The generation this run trains (0 starts a campaign)."
+    ),
+    "generations": Param(
+        4, type="integer", minimum=1, maximum=100, description="Stop after this many generations."
+    ),
+    "population": Param(8, type="integer", minimum=2, maximum=512, description="Genomes per generation."),
+    "epochs": Param(
+        2,
+        type="integer",
+        minimum=1,
+        maximum=200,
+        description="Training epochs per genome (few: the demo should show evolution, not patience).",
+    ),
+    "target_fitness": Param(
+        0.995, type="number", minimum=0, maximum=1, description="Stop early at this validation accuracy."
+    ),
+    "seed": Param(3, type="integer", minimum=0, description="Seeds breeding: a campaign replays exactly."),
+    "training_seed": Param(0, type="integer", minimum=0, description="Seeds each genome's mini-batch order."),
+    "gpus_per_experiment": Param(
+        0, type="integer", minimum=0, maximum=8, description="GPU cards per experiment (0 = CPU)."
+    ),
+    "bucket": Param(
+        "studio-enn", type="string", description="S3 bucket for workspaces, results and the campaign's state."
+    ),
+}
+
+
+def _campaign(params: dict[str, Any]):
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+    from enn.campaign import Campaign
+
+    return Campaign(S3Hook(aws_conn_id=AWS_CONN_ID), params["bucket"], params["campaign"])
+
+
+@dag(
+    dag_id=DAG_ID,
+    schedule=None,
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    params=PARAMS,
+    tags=["studioml", "enn", "example"],
+    doc_md=__doc__,
+)
+def enn_generation():
+    @task
+    def breed() -> list[dict[str, Any]]:
+        """This generation's genomes, as the train task's mapped arguments (one experiment each)."""
+        from enn.campaign import experiment_key
+        from enn.evolution import initial_population, next_generation
+
+        params = get_current_context()["params"]
+        campaign = _campaign(params)
+        campaign.ensure_bucket()
+        generation, size, seed = params["generation"], params["population"], params["seed"]
+        if generation == 0:
+            population = initial_population(size, seed)
+        else:
+            population = next_generation(campaign.scored(generation - 1), size, seed, generation)
+        campaign.save_population(generation, population)
+        requirements = (WORKLOAD / "requirements.txt").read_text().split()
+        training_seed = str(params["training_seed"])
+        return [
+            {
+                "experiment_key": experiment_key(params["campaign"], generation, genome),
+                "args": [
+                    "--genome",
+                    genome.to_json(),
+                    "--epochs",
+                    str(params["epochs"]),
+                    "--seed",
+                    training_seed,
+                ],
+                "pythonenv": requirements,
+            }
+            for genome in population
+        ]
+
+    train = StudioExperimentOperator.partial(
+        task_id="train",
+        script="train_genome.py",
+        workspace=str(WORKLOAD),
+        results_bucket="{{ params.bucket }}",
+        aws_conn_id=AWS_CONN_ID,
+        project="enn-{{ params.campaign }}",
+        resources_needed={"cpus": 1, "ram": "1g", "hdd": "2g", "gpus": "{{ params.gpus_per_experiment }}"},
+        max_duration="20m",
+        fail_on_experiment_error=False,  # a genome that fails scores nothing; the generation goes on
+        map_index_template="{{ task.experiment_key }}",
+    ).expand_kwargs(breed())
+
+    collect = MetadataScrapeOperator(
+        task_id="collect",
+        experiments=train.output,
+        bucket="{{ params.bucket }}",
+        aws_conn_id=AWS_CONN_ID,
+        fields=["experiment.fitness", "experiment.genome_id", "experiment.train_seconds"],
+        allow_missing=True,
+        output_uri="s3://{{ params.bucket }}/enn/{{ params.campaign }}/generation-{{ '%03d' % params.generation }}/table.jsonl",
+        trigger_rule="all_done",
+    )
+
+    @task
+    def select(table: list[dict[str, Any]]) -> dict[str, Any]:
+        """Score the generation, record it, and decide whether another one follows."""
+        from enn.campaign import fitness_plot
+        from enn.evolution import summarise
+
+        context = get_current_context()
+        params = context["params"]
+        campaign = _campaign(params)
+        generation = params["generation"]
+        scored = campaign.scored(generation)
+        started = context["dag_run"].start_date
+        summary = {
+            "generation": generation,
+            **summarise(scored),
+            "experiments": len(table),
+            "wall_seconds": round((datetime.now(started.tzinfo) - started).total_seconds(), 1)
+            if started
+            else None,
+            "run_id": context["run_id"],
+        }
+        campaign.save_summary(generation, summary)
+        history = campaign.summaries()
+        plot = campaign.save_plot(fitness_plot(history, params["campaign"]))
+        best = summary["best_fitness"] or 0.0
+        more = generation + 1 < params["generations"] and best < params["target_fitness"]
+        print(f"generation {generation}: best {best:.4f}, mean {summary['mean_fitness']}, plot {plot}")
+        return {
+            "summary": summary,
+            "plot": plot,
+            "continue": more,
+            "next_conf": {**params, "generation": generation + 1},
+            "next_run_id": f"{params['campaign']}-gen-{generation + 1:03d}",
+        }
+
+    @task.short_circuit
+    def another_generation(decision: dict[str, Any]) -> bool:
+        return decision["continue"]
+
+    decision = select(collect.output)
+    next_generation = TriggerDagRunOperator(
+        task_id="next_generation",
+        trigger_dag_id=DAG_ID,
+        trigger_run_id=decision["next_run_id"],
+        conf=decision["next_conf"],
+        reset_dag_run=True,  # re-running generation g re-runs the generations that came from it
+        wait_for_completion=False,
+    )
+    another_generation(decision) >> next_generation
+
+
+enn_generation()
