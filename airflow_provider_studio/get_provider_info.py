@@ -37,6 +37,7 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": [
                     "airflow_provider_studio.operators.experiment",
                     "airflow_provider_studio.operators.metadata",
+                    "airflow_provider_studio.operators.queue_runner",
                 ],
             }
         ],
@@ -99,10 +100,10 @@ def get_provider_info() -> dict[str, Any]:
                 "options": {
                     "execution_mode": {
                         "description": (
-                            "How StudioExperimentOperator runs experiments: ``kubernetes`` starts a "
-                            "runner pod per experiment, ``local`` runs the studio-runner in the "
-                            "worker process (development and CI). Environment variable: "
-                            "AIRFLOW__STUDIO__EXECUTION_MODE."
+                            "How StudioExperimentOperator and StudioQueueRunnerOperator run the "
+                            "studio-runner: ``kubernetes`` starts a runner pod per task, ``local`` "
+                            "runs it as a child process of the worker (development and CI). "
+                            "Environment variable: AIRFLOW__STUDIO__EXECUTION_MODE."
                         ),
                         "version_added": "0.1.0",
                         "type": "string",

@@ -271,7 +271,7 @@ class Attempt:
 
     uri: str
     etag: str | None = None
-    start_seconds: int | None = None
+    start_seconds: float | None = None
     key: str | None = None
     start_time: str | None = None
     stop_time: str | None = None

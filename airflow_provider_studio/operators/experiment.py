@@ -10,84 +10,57 @@ failed genomes).
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import json
-import logging
 import os
 import shlex
-import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import threading
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-from airflow.providers.cncf.kubernetes.backcompat.backwards_compat_converters import (
-    convert_env_vars,
-    convert_toleration,
-)
+from airflow.providers.cncf.kubernetes.backcompat.backwards_compat_converters import convert_env_vars
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-from airflow.providers.cncf.kubernetes.secret import Secret
-from airflow.sdk import Context, conf
+from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 from kubernetes.client import models as k8s
 from studio_runner.outcome import Status
-from studio_runner.request import Request, RequestError, Resources
-from studio_runner.units import parse_size
+from studio_runner.request import Request, RequestError
 
 from airflow_provider_studio.experiment_request import (
-    CREDENTIAL_NAMES,
     ExperimentSpec,
     RequestBuilder,
     S3Endpoint,
     default_experiment_key,
-    resources_from,
     results_prefix,
 )
 from airflow_provider_studio.links.experiment import StudioArtifactsLink
+from airflow_provider_studio.operators.local_runner import local_dirs, read_summary, runner_command
+from airflow_provider_studio.operators.runner_pod import (  # noqa: F401  (re-exported: public names)
+    DEFAULT_CREDENTIALS_SECRET,
+    DEFAULT_CREDENTIALS_SECRET_KEYS,
+    DEFAULT_GPU_NODE_SELECTOR,
+    DEFAULT_GPU_TOLERATIONS,
+    DEFAULT_RUNNER_IMAGE,
+    EXECUTION_MODES,
+    GPU_RESOURCE,
+    KUBERNETES,
+    LOCAL,
+    SHM_VOLUME,
+    WORK_MOUNT,
+    WORK_VOLUME,
+    XCOM_RESULT_FILE,
+    StudioRunnerPodOperator,
+    kubernetes_quantity,
+    pod_resources,
+)
 
-KUBERNETES = "kubernetes"
-LOCAL = "local"
-EXECUTION_MODES = (KUBERNETES, LOCAL)
-
-DEFAULT_RUNNER_IMAGE = "ghcr.io/airflow-provider-studio/studio-runner:0.1.0"
-XCOM_RESULT_FILE = "/airflow/xcom/return.json"
-"""Where KPO's xcom sidecar reads the return value; the runner writes its summary there."""
 MAX_POD_REQUEST_BYTES = 127 * 1024
 """Linux refuses to start a process with one environment string over 128 KiB."""
-WORK_MOUNT = "/studio"
-WORK_VOLUME = "studio-work"
-SHM_VOLUME = "dshm"
-GPU_RESOURCE = "nvidia.com/gpu"
-DEFAULT_GPU_NODE_SELECTOR: Mapping[str, str] = {"nvidia.com/gpu.present": "true"}
-"""The label NVIDIA's GPU feature discovery (GPU operator) puts on GPU nodes."""
-DEFAULT_GPU_TOLERATIONS: tuple[k8s.V1Toleration, ...] = (
-    k8s.V1Toleration(key=GPU_RESOURCE, operator="Exists", effect="NoSchedule"),
-)
-DEFAULT_CREDENTIALS_SECRET = "studio-s3-credentials"
-DEFAULT_CREDENTIALS_SECRET_KEYS: Mapping[str, str] = {
-    "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
-}
-"""Pod environment variable → key in the Secret."""
 
 _RUNNER_OPTION_ENV = frozenset({"REQUEST_JSON", "REQUEST", "RESULT_FILE", "WORKING_DIR", "CACHE_DIR"})
 """The runner reads its options from these too (``REQUEST_JSON`` even wins over ``--request``),
 so a worker's stray values must not reach a local runner."""
-_LOG_LEVELS = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-    "critical": logging.CRITICAL,
-}
-_POLL_SECONDS = 0.2
 
 
 class StudioExperimentFailed(AirflowException):
@@ -102,7 +75,7 @@ class StudioRequestRefused(StudioExperimentFailed, AirflowFailException):
     """The runner refused the request as unrunnable; retrying the same request cannot help."""
 
 
-class StudioExperimentOperator(KubernetesPodOperator):
+class StudioExperimentOperator(StudioRunnerPodOperator):
     """Run a StudioML experiment (script or module, args, workspace) with ``studio-runner run``.
 
     The request is built at run time on the worker: a local ``workspace`` folder is packed and
@@ -123,6 +96,9 @@ class StudioExperimentOperator(KubernetesPodOperator):
     keys in its environment only; the experiment's console streams into the task log. The
     runner's virtualenv cache lives in ``[studio] local_cache_dir`` (default
     ``$AIRFLOW_HOME/studio-runner/cache``), so it is built once per requirements set.
+
+    The pod's shape, the execution modes and the local child process are shared with the other
+    runner operators in :class:`~airflow_provider_studio.operators.runner_pod.StudioRunnerPodOperator`.
 
     :param script: (templated) file in the workspace to run.
     :param module: (templated) or a module to run with ``python -m``.
@@ -212,6 +188,7 @@ class StudioExperimentOperator(KubernetesPodOperator):
     """Rendered fields are re-sent at task end, so they show the request that actually ran."""
     ui_color = "#d9ecd0"
     ui_fgcolor = "#1f3b12"
+    local_reserved_env = _RUNNER_OPTION_ENV
 
     def __init__(
         self,
@@ -244,8 +221,6 @@ class StudioExperimentOperator(KubernetesPodOperator):
         local_kill_grace_period: float = 60.0,
         **kwargs: Any,
     ) -> None:
-        if execution_mode is not None and execution_mode not in EXECUTION_MODES:
-            raise ValueError(f"execution_mode must be one of {EXECUTION_MODES}, not {execution_mode!r}")
         self.script = script
         self.module = module
         self.args = args
@@ -253,36 +228,17 @@ class StudioExperimentOperator(KubernetesPodOperator):
         self.inputs = {k: os.fspath(v) for k, v in inputs.items()} if isinstance(inputs, Mapping) else inputs
         self.experiment_key = experiment_key
         self.results_bucket = results_bucket
-        self.aws_conn_id = aws_conn_id
         self.pythonver = pythonver
         self.pythonenv = pythonenv
         self.pip = pip
-        self.resources_needed = resources_needed
         self.max_duration = max_duration
         self.lifetime = lifetime
         self.project = project
         self.env = env
-        self.execution_mode = execution_mode
-        self.runner_options = list(runner_options)
         self.fail_on_experiment_error = fail_on_experiment_error
-        self.gpu_node_selector = gpu_node_selector
-        self.gpu_tolerations = gpu_tolerations
-        self.shm_size = shm_size
-        self.local_kill_grace_period = local_kill_grace_period
         self.studio_request: dict[str, Any] | None = None
         """The request that ran (set when the task runs; shown under Rendered Templates)."""
 
-        # Pod shape that depends on (possibly templated) resources is filled in when the pod is
-        # built, after rendering; what the caller gave explicitly is left alone.
-        self._derived_pod_fields = frozenset(
-            name
-            for name in ("container_resources", "node_selector", "tolerations")
-            if kwargs.get(name) is None
-        )
-        kwargs.setdefault(
-            "image", runner_image or conf.get("studio", "runner_image", fallback=DEFAULT_RUNNER_IMAGE)
-        )
-        kwargs.setdefault("cmds", ["studio-runner"])
         kwargs.setdefault(
             "arguments",
             [
@@ -295,25 +251,26 @@ class StudioExperimentOperator(KubernetesPodOperator):
                 f"{WORK_MOUNT}/cache",
                 "--log-format",
                 "json",
-                *self.runner_options,
+                *runner_options,
             ],
         )
-        kwargs.setdefault("do_xcom_push", True)
-        kwargs.setdefault("volumes", _volumes(shm_size))
-        kwargs.setdefault(
-            "volume_mounts",
-            [
-                k8s.V1VolumeMount(name=SHM_VOLUME, mount_path="/dev/shm"),
-                k8s.V1VolumeMount(name=WORK_VOLUME, mount_path=WORK_MOUNT),
-            ],
+        super().__init__(
+            resources_needed=resources_needed,
+            aws_conn_id=aws_conn_id,
+            execution_mode=execution_mode,
+            runner_image=runner_image,
+            runner_options=runner_options,
+            gpu_node_selector=gpu_node_selector,
+            gpu_tolerations=gpu_tolerations,
+            aws_credentials_secret=s3_credentials_secret,
+            aws_credentials_secret_keys=s3_credentials_secret_keys,
+            shm_size=shm_size,
+            local_kill_grace_period=local_kill_grace_period,
+            **kwargs,
         )
-        kwargs.setdefault("secrets", _credential_secrets(s3_credentials_secret, s3_credentials_secret_keys))
-        super().__init__(**kwargs)
-        self._hook: S3Hook | None = None
         self._s3_endpoint: S3Endpoint | None = None
         self._summary: dict[str, Any] | None = None
         self._concluded: dict[str, Any] | None = None
-        self._local_process: subprocess.Popen[bytes] | None = None
 
     # --- the request -------------------------------------------------------------------------
 
@@ -378,15 +335,6 @@ class StudioExperimentOperator(KubernetesPodOperator):
                 )
         context["experiment_key"] = key  # type: ignore[typeddict-unknown-key]
         return key
-
-    def _mode(self) -> str:
-        mode = (self.execution_mode or conf.get("studio", "execution_mode", fallback=KUBERNETES)).strip()
-        if mode.lower() not in EXECUTION_MODES:
-            raise AirflowFailException(
-                f"[studio] execution_mode is {mode!r}; set it to one of {EXECUTION_MODES} "
-                "(AIRFLOW__STUDIO__EXECUTION_MODE)"
-            )
-        return mode.lower()
 
     # --- running -----------------------------------------------------------------------------
 
@@ -471,22 +419,9 @@ class StudioExperimentOperator(KubernetesPodOperator):
 
     # --- the pod -----------------------------------------------------------------------------
 
-    def build_pod_request_obj(self, context: Context | None = None, *, dry_run: bool = False) -> k8s.V1Pod:
-        """KPO's pod, after the parts that follow from the rendered request are filled in."""
-        self._shape_pod()
-        return super().build_pod_request_obj(context, dry_run=dry_run)
-
     def _shape_pod(self) -> None:
-        resources = self._resources()
-        gpus = resources.cards > 0
-        if "container_resources" in self._derived_pod_fields:
-            self.container_resources = pod_resources(resources)
-        if "node_selector" in self._derived_pod_fields:
-            selector = DEFAULT_GPU_NODE_SELECTOR if self.gpu_node_selector is None else self.gpu_node_selector
-            self.node_selector = dict(selector) if gpus else {}
-        if "tolerations" in self._derived_pod_fields:
-            tolerations = DEFAULT_GPU_TOLERATIONS if self.gpu_tolerations is None else self.gpu_tolerations
-            self.tolerations = [convert_toleration(t) for t in tolerations] if gpus else []
+        """The common runner pod, plus the request in ``REQUEST_JSON`` and what S3 needs."""
+        super()._shape_pod()
         env = list(convert_env_vars(self.env_vars or []))
         names = {variable.name for variable in env}
         if self.studio_request is not None and "REQUEST_JSON" not in names:
@@ -505,12 +440,6 @@ class StudioExperimentOperator(KubernetesPodOperator):
             self.arguments = [*self.arguments, "--s3-https"]
         if self.experiment_key:
             self.annotations = {**(self.annotations or {}), "studioml/experiment-key": self.experiment_key}
-
-    def _resources(self) -> Resources:
-        try:
-            return resources_from(self.resources_needed)
-        except ValueError as error:
-            raise AirflowFailException(f"resources_needed: {error}") from None
 
     # --- local mode --------------------------------------------------------------------------
 
@@ -540,226 +469,17 @@ class StudioExperimentOperator(KubernetesPodOperator):
                 *self.runner_options,
             ]
             self.log.info("running %s", shlex.join(command))
-            tail: collections.deque[str] = collections.deque(maxlen=20)
-            # Own session: the supervisor's signals to the task's process group must not cut the
-            # runner short; on_kill stops it gracefully so it can still upload what it has.
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=self._local_environment(endpoint),
-                start_new_session=True,
+            runner = self._run_local_runner(
+                command, self._local_environment(endpoint), stdin=request.to_json().encode()
             )
-            self._local_process = process
-            relays = [
-                threading.Thread(target=self._relay_console, args=(process.stdout,), daemon=True),
-                threading.Thread(target=self._relay_runner_log, args=(process.stderr, tail), daemon=True),
-            ]
-            for relay in relays:
-                relay.start()
-            try:
-                assert process.stdin is not None
-                with contextlib.suppress(BrokenPipeError):
-                    process.stdin.write(request.to_json().encode())
-                    process.stdin.close()
-                while process.poll() is None:
-                    time.sleep(_POLL_SECONDS)
-            except BaseException:
-                self._stop_local_runner()
-                raise
-            finally:
-                for relay in relays:
-                    relay.join(timeout=30)
-                self._local_process = None
-            summary = _read_summary(result_file)
+            summary = read_summary(result_file)
         if summary is None:
-            last = "\n".join(tail) or "(no output)"
             raise AirflowException(
-                f"studio-runner exited with status {process.returncode} without a result summary; "
-                f"its last log lines:\n{last}"
+                f"studio-runner exited with status {runner.process.returncode if runner.process else '?'} "
+                f"without a result summary; its last log lines:\n{runner.last_lines()}"
             )
         return summary
 
     def _local_environment(self, endpoint: S3Endpoint) -> dict[str, str]:
-        """The worker's environment less Airflow's settings (which can hold secrets), plus the
-        connection's keys: the only place the local runner's credentials appear."""
-        env = {
-            name: value
-            for name, value in os.environ.items()
-            if not name.startswith(("AIRFLOW", "_AIRFLOW")) and name not in _RUNNER_OPTION_ENV
-        }
-        keys = self._connection_keys()
-        if keys is not None:
-            for name in CREDENTIAL_NAMES:
-                env.pop(name, None)
-            env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"] = keys[0], keys[1]
-            if keys[2]:
-                env["AWS_SESSION_TOKEN"] = keys[2]
-        if endpoint.region:
-            env["AWS_DEFAULT_REGION"] = endpoint.region
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        return env
-
-    def _connection_keys(self) -> tuple[str, str, str | None] | None:
-        """The connection's resolved keys (role assumption and all), else its login and password."""
-        hook = self._hook or S3Hook(aws_conn_id=self.aws_conn_id)
-        try:
-            credentials = hook.get_credentials()
-            if credentials.access_key and credentials.secret_key:
-                return credentials.access_key, credentials.secret_key, credentials.token
-        except Exception as error:
-            self.log.info("AWS connection %s resolved no session keys (%s)", self.aws_conn_id, error)
-        if self.aws_conn_id:
-            connection = hook.get_connection(self.aws_conn_id)
-            if connection.login and connection.password:
-                return connection.login, connection.password, None
-        self.log.warning(
-            "AWS connection %s gives no keys; the runner will use the worker's own credential chain",
-            self.aws_conn_id,
-        )
-        return None
-
-    def _relay_console(self, stream: IO[bytes]) -> None:
-        """The experiment's console (runner notes and workload output), line by line, as it comes."""
-        for raw in iter(stream.readline, b""):
-            self.log.info("%s", raw.decode("utf-8", errors="replace").rstrip("\r\n"))
-        stream.close()
-
-    def _relay_runner_log(self, stream: IO[bytes], tail: collections.deque[str]) -> None:
-        """The runner's JSON events as one readable line each, at their own level."""
-        for raw in iter(stream.readline, b""):
-            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-            if not line.strip():
-                continue
-            try:
-                event = json.loads(line)
-            except ValueError:
-                event = None
-            if isinstance(event, dict) and "msg" in event:
-                level = _LOG_LEVELS.get(str(event.get("level", "info")).lower(), logging.INFO)
-                text = str(event["msg"])
-                if event.get("error"):
-                    text += "\n" + str(event["error"])
-                self.log.log(level, "studio-runner: %s", text)
-            else:
-                text = line
-                self.log.warning("studio-runner: %s", text)
-            tail.append(text)
-        stream.close()
-
-    def _stop_local_runner(self) -> None:
-        """SIGTERM (the runner stops the workload and uploads what it has), SIGKILL after the grace."""
-        process = self._local_process
-        if process is None or process.returncode is not None or _exited(process.pid):
-            return
-        self.log.warning(
-            "stopping studio-runner (pid %d): SIGTERM now, SIGKILL in %.0fs",
-            process.pid,
-            self.local_kill_grace_period,
-        )
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.local_kill_grace_period
-        while time.monotonic() < deadline:
-            if _exited(process.pid):
-                return
-            time.sleep(_POLL_SECONDS)
-        self.log.error("studio-runner (pid %d) still running; killing it", process.pid)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
-
-    def on_kill(self) -> None:
-        if self._local_process is not None:
-            self._stop_local_runner()
-        super().on_kill()
-
-
-# --- helpers ---------------------------------------------------------------------------------
-
-
-def pod_resources(resources: Resources) -> k8s.V1ResourceRequirements | None:
-    """CPU and memory requests and the GPU limit (extended resources go in limits) for a request."""
-    requests: dict[str, str] = {}
-    if resources.cpus:
-        requests["cpu"] = str(resources.cpus)
-    if resources.ram_bytes:
-        requests["memory"] = kubernetes_quantity(resources.ram_bytes)
-    limits = {GPU_RESOURCE: str(resources.cards)} if resources.cards else {}
-    if not requests and not limits:
-        return None
-    return k8s.V1ResourceRequirements(requests=requests or None, limits=limits or None)
-
-
-def kubernetes_quantity(size: int) -> str:
-    """Bytes as the shortest exact Kubernetes quantity (StudioML ``"2g"`` is ``2G``, ``"2GiB"`` ``2Gi``)."""
-    for suffix, factor in (
-        ("Ti", 1024**4),
-        ("T", 1000**4),
-        ("Gi", 1024**3),
-        ("G", 1000**3),
-        ("Mi", 1024**2),
-        ("M", 1000**2),
-        ("Ki", 1024),
-        ("k", 1000),
-    ):
-        if size >= factor and size % factor == 0:
-            return f"{size // factor}{suffix}"
-    return str(size)
-
-
-def _volumes(shm_size: str | None) -> list[k8s.V1Volume]:
-    limit = kubernetes_quantity(parse_size(shm_size)) if shm_size else None
-    return [
-        k8s.V1Volume(
-            name=SHM_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=limit)
-        ),
-        k8s.V1Volume(name=WORK_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource()),
-    ]
-
-
-def _credential_secrets(name: str | None, keys: Mapping[str, str] | None) -> list[Secret]:
-    if not name:
-        return []
-    return [
-        Secret("env", variable, name, key)
-        for variable, key in (keys or DEFAULT_CREDENTIALS_SECRET_KEYS).items()
-    ]
-
-
-def local_dirs() -> tuple[Path, Path]:
-    """Working and cache folders for local runs; persistent by default, so the venv cache is reused."""
-    home = Path(os.environ.get("AIRFLOW_HOME") or Path.home() / "airflow")
-    work = conf.get("studio", "local_working_dir", fallback="") or ""
-    cache = conf.get("studio", "local_cache_dir", fallback="") or ""
-    return (
-        Path(work).expanduser() if work.strip() else home / "studio-runner" / "work",
-        Path(cache).expanduser() if cache.strip() else home / "studio-runner" / "cache",
-    )
-
-
-def runner_command() -> list[str]:
-    """``studio-runner`` beside this interpreter (virtualenvs), on PATH, or as a module."""
-    beside = Path(sys.executable).parent / "studio-runner"
-    if beside.exists():
-        return [str(beside)]
-    found = shutil.which("studio-runner")
-    if found:
-        return [found]
-    return [sys.executable, "-m", "studio_runner.cli"]
-
-
-def _read_summary(path: Path) -> dict[str, Any] | None:
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return summary if isinstance(summary, dict) else None
-
-
-def _exited(pid: int) -> bool:
-    """Whether a child has ended, without reaping it (so no lock is shared with Popen.poll)."""
-    try:
-        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return True
+        """The local runner's environment: the connection's keys, the store's region, no Airflow settings."""
+        return self._local_runner_environment(endpoint.region)

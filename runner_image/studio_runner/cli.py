@@ -8,6 +8,7 @@ Kubernetes ConfigMap can configure the runner without touching its command line.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import logging
@@ -20,6 +21,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from . import logs
 from .cache import DownloadCache
@@ -89,6 +91,7 @@ MESSAGE_KEY_OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
 """Encrypted and signed requests (spec §6): ``serve`` and ``run`` both open them."""
 SERVE_OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
     ("--amqp-url", str, None, "RabbitMQ URL, e.g. amqp://user:password@host:5672/%%2f"),
+    ("--amqp-password", str, None, "password for the --amqp-url user, kept out of the URL (a Secret)"),
     ("--amqp-mgt-url", str, None, "RabbitMQ management URL (default: AMQP port + 10000)"),
     ("--queue-match", str, r"^(rmq|sqs|local)_.*$", "regular expression a queue name must match"),
     ("--queue-mismatch", str, None, "regular expression a queue name must not match"),
@@ -103,7 +106,10 @@ SERVE_OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
     ("--state-file", Path, None, "mounted ConfigMap folder or file whose STATE drains the runner"),
     *MESSAGE_KEY_OPTIONS,
     ("--response-signatures-dir", Path, None, "RSA keys for <queue>_response reports, by queue prefix"),
+    ("--result-file", Path, None, "where to write the JSON summary of what was handled, on exit"),
 )
+SERVE_RESULT_EXPERIMENTS = 100
+"""``serve --result-file`` lists at most this many (the latest) experiments; the counts cover all."""
 RUN_OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
     ("--request", str, None, "request file, or '-' for standard input"),
     ("--request-json", str, None, "the request itself, as JSON (for a pod's environment)"),
@@ -297,7 +303,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     transports = []
     if args.amqp_url:
-        transports.append(RabbitMQTransport(args.amqp_url, args.amqp_mgt_url))
+        amqp_url = _with_password(args.amqp_url, args.amqp_password) if args.amqp_password else args.amqp_url
+        transports.append(RabbitMQTransport(amqp_url, args.amqp_mgt_url))
     if args.sqs_certs or args.sqs_endpoint:
         transports.append(
             SqsTransport(certs_dir=args.sqs_certs, endpoint_url=args.sqs_endpoint, region=args.sqs_region)
@@ -314,6 +321,7 @@ def _serve(args: argparse.Namespace) -> int:
     if runner.cache is not None:
         metrics.watch_cache(runner.cache)
     wanted: dict[str, Any] = {}
+    handled: collections.deque[dict[str, Any]] = collections.deque(maxlen=SERVE_RESULT_EXPERIMENTS)
 
     def handle(body: bytes, queue: str, attempts: int, cancel: threading.Event) -> Outcome:
         with logs.bound(queue=queue):
@@ -321,6 +329,7 @@ def _serve(args: argparse.Namespace) -> int:
                 request = open_message(body, queue, keys, clear_text_allowed=args.clear_text_messages)
             except RequestError as error:
                 log.warning("rejecting a message from %s: %s", queue, error)
+                handled.append(_handled(None, queue, attempts, Status.INVALID, str(error)))
                 return Outcome(Status.INVALID, reason=str(error))
             wanted[queue] = request.experiment.resources_needed
             with logs.bound(experiment=request.key):
@@ -342,6 +351,7 @@ def _serve(args: argparse.Namespace) -> int:
                     outcome.status.value,
                     f": {outcome.reason}" if outcome.reason else "",
                 )
+                handled.append(_handled(request.key, queue, attempts, outcome.status, outcome.reason))
                 return outcome
 
     service = Service(
@@ -368,7 +378,36 @@ def _serve(args: argparse.Namespace) -> int:
     for transport in transports:
         transport.close()
     log.info("stopped (%s): %s", summary.ended_by, summary.statuses)
+    if args.result_file is not None:
+        result = {
+            "ended_by": summary.ended_by,
+            "handled": summary.handled,
+            "statuses": summary.statuses,
+            "settle_failures": summary.settle_failures,
+            "abandoned": summary.abandoned,
+            "experiments": list(handled),
+        }
+        args.result_file.parent.mkdir(parents=True, exist_ok=True)
+        args.result_file.write_text(json.dumps(result, indent=1) + "\n")
     return 0
+
+
+def _handled(key: str | None, queue: str, attempt: int, status: Status, reason: str | None) -> dict[str, Any]:
+    """One line of ``serve --result-file``: which experiment, from where, and how it ended."""
+    entry: dict[str, Any] = {"key": key, "queue": queue, "attempt": attempt, "status": status.value}
+    if reason:
+        entry["reason"] = reason if len(reason) <= 300 else reason[:299] + "…"
+    return entry
+
+
+def _with_password(amqp_url: str, password: str) -> str:
+    """``--amqp-url`` with ``--amqp-password`` filled in, quoted, so any password works."""
+    parts = urlsplit(amqp_url)
+    if not parts.username:
+        raise _UsageError("--amqp-password needs a user in --amqp-url, e.g. amqp://studio@host:5672/%2f")
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"{parts.username}:{quote(password, safe='')}@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def _response_queues(transports: list[Any], keys: MessageKeys | None) -> ResponseQueues | None:

@@ -86,11 +86,21 @@ def _base62_value(text: str) -> int | None:
     return value
 
 
+MICROSECONDS_FROM = 10**12
+"""Suffixes this large count microseconds (ours); smaller ones count seconds (upstream's)."""
+
+
 def accession_id(host: str, started_at: float) -> str:
-    """``<host>-<base62 start seconds>``: names an attempt in scrape files and reports (spec §4.9)."""
+    """``<host>-<base62 start time>``: names an attempt in scrape files and reports (spec §4.9).
+
+    Upstream encoded whole seconds, so two attempts starting in the same second on one host
+    (several queues served at once, parallel local runs on an Airflow worker) wrote the same
+    scrape file and one overwrote the other. We encode microseconds: the format and the
+    chronological sort per host are unchanged, and ``parse_scrape_file_name`` reads both units.
+    """
     if not host or "/" in host:
         raise ValueError(f"host {host!r} cannot name a scrape file (empty or contains '/')")
-    return f"{host}-{base62(int(started_at))}"
+    return f"{host}-{base62(int(started_at * 1_000_000))}"
 
 
 def scrape_file_name(accession: str) -> str:
@@ -100,11 +110,12 @@ def scrape_file_name(accession: str) -> str:
     return f"{SCRAPE_FILE_PREFIX}{accession}{SCRAPE_FILE_SUFFIX}"
 
 
-def parse_scrape_file_name(name: str) -> tuple[str, int] | None:
-    """(host, start seconds) from a scrape file name or an S3 key ending in one, else None.
+def parse_scrape_file_name(name: str) -> tuple[str, float] | None:
+    """(host, start time in seconds) from a scrape file name or an S3 key ending in one, else None.
 
     Hosts may contain dashes; the base62 suffix is after the last one. The Airflow side uses the
-    seconds to pick the latest attempt of an experiment.
+    start time to pick the latest attempt of an experiment, so upstream's whole-second names and
+    our microsecond names compare correctly.
     """
     base = name.rsplit("/", 1)[-1]
     if not (base.startswith(SCRAPE_FILE_PREFIX) and base.endswith(SCRAPE_FILE_SUFFIX)):
@@ -113,10 +124,10 @@ def parse_scrape_file_name(name: str) -> tuple[str, int] | None:
     host, dash, suffix = accession.rpartition("-")
     if not dash or not host:
         return None
-    seconds = _base62_value(suffix)
-    if seconds is None:
+    value = _base62_value(suffix)
+    if value is None:
         return None
-    return host, seconds
+    return host, value / 1_000_000 if value >= MICROSECONDS_FROM else float(value)
 
 
 # --- timestamps ------------------------------------------------------------------------------

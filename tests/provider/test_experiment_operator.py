@@ -214,7 +214,10 @@ def test_a_two_gpu_pod_is_valid_kubernetes_and_carries_no_secret(aws_s3: str, wo
 
     container = base_container(pod)
     assert container["image"] == "registry.example.com/studio-runner:1.2.3"
-    assert container["command"] == ["studio-runner"]
+    assert not container.get("command"), "no command: the image's entrypoint (tini) stays PID 1"
+    security = container["securityContext"]
+    assert security["runAsNonRoot"] and security["readOnlyRootFilesystem"]
+    assert security["capabilities"]["drop"] == ["ALL"] and not security["allowPrivilegeEscalation"]
     assert container["args"][:3] == ["run", "--result-file", "/airflow/xcom/return.json"]
     assert "--s3-https" not in container["args"]  # AWS: the runner uses HTTPS for AWS hosts itself
     assert container["resources"] == {
@@ -228,7 +231,7 @@ def test_a_two_gpu_pod_is_valid_kubernetes_and_carries_no_secret(aws_s3: str, wo
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
     assert "emptyDir" in volumes["studio-work"]
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-    assert mounts["/dev/shm"] == "dshm" and mounts["/studio"] == "studio-work"
+    assert mounts["/dev/shm"] == "dshm" and mounts["/work"] == "studio-work" and mounts["/tmp"] == "studio-tmp"
     assert mounts["/airflow/xcom"] == "xcom"
     assert any(c["name"] == "airflow-xcom-sidecar" for c in spec["containers"])
     assert pod["metadata"]["namespace"] == "ml"

@@ -93,8 +93,13 @@ def test_base62_names_sort_chronologically_for_one_host() -> None:
     assert names == sorted(names)
 
 
-def test_accession_id_truncates_to_whole_seconds() -> None:
-    assert accession_id("runner-7d9f", 1718031122.999) == "runner-7d9f-1sGgNO"
+def test_accession_id_encodes_microseconds_so_attempts_in_one_second_differ() -> None:
+    assert accession_id("runner-7d9f", 1718031122.25) == f"runner-7d9f-{base62(1718031122250000)}"
+    assert accession_id("h", 1718031122.1) != accession_id("h", 1718031122.2)
+
+
+def test_upstream_whole_second_names_still_parse() -> None:
+    assert parse_scrape_file_name("scrape-host-runner-7d9f-1sGgNO.json") == ("runner-7d9f", 1718031122.0)
 
 
 @pytest.mark.parametrize("host", ["", "a/b"])
@@ -108,8 +113,8 @@ def test_scrape_file_name_matches_the_spec_example() -> None:
 
 
 @pytest.mark.parametrize("host", ["awsdev", "runner-7d9f", "studioml-go-runner-23ef-c9cb-k6nkk", "a-"])
-@pytest.mark.parametrize("seconds", [0, 61, 1718031122])
-def test_scrape_file_name_round_trips_with_dashed_hosts(host: str, seconds: int) -> None:
+@pytest.mark.parametrize("seconds", [1500000000.0, 1718031122.5, 1900000000.123456])
+def test_scrape_file_name_round_trips_with_dashed_hosts(host: str, seconds: float) -> None:
     name = scrape_file_name(accession_id(host, seconds))
     assert parse_scrape_file_name(name) == (host, seconds)
     assert parse_scrape_file_name(f"metadata/{name}") == (host, seconds)

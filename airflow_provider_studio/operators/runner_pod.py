@@ -1,0 +1,327 @@
+"""The studio-runner as an Airflow task: its pod on GPU Kubernetes, or a child process on the worker.
+
+:class:`StudioRunnerPodOperator` is the base of every operator that starts a ``studio-runner``
+(:class:`~airflow_provider_studio.operators.experiment.StudioExperimentOperator` runs one request
+with ``run``, :class:`~airflow_provider_studio.operators.queue_runner.StudioQueueRunnerOperator`
+drains queues with ``serve``). It owns what they share, so a new runner operator only says which
+runner command to start and how to read its result:
+
+- the execution mode (``[studio] execution_mode``: ``kubernetes`` or ``local``);
+- the pod's shape for the runner image: GPU limit, node selector and toleration from
+  ``resources_needed``, a memory-backed ``/dev/shm``, a work ``emptyDir``, AWS keys only as
+  ``secretKeyRef``, and the runner's result file read back through KPO's xcom sidecar;
+- the local child process (:mod:`airflow_provider_studio.operators.local_runner`): its
+  environment with the connection's keys and nothing of Airflow's, and stopping it on kill.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.cncf.kubernetes.backcompat.backwards_compat_converters import convert_toleration
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.providers.cncf.kubernetes.secret import Secret
+from airflow.sdk import Context, conf
+from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
+from kubernetes.client import models as k8s
+from studio_runner.request import Resources
+from studio_runner.units import parse_size
+
+from airflow_provider_studio.experiment_request import CREDENTIAL_NAMES, resources_from
+from airflow_provider_studio.operators.local_runner import LocalRunnerProcess, worker_environment
+
+if TYPE_CHECKING:
+    from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+
+KUBERNETES = "kubernetes"
+LOCAL = "local"
+EXECUTION_MODES = (KUBERNETES, LOCAL)
+
+DEFAULT_RUNNER_IMAGE = "ghcr.io/airflow-provider-studio/studio-runner:0.1.0"
+XCOM_RESULT_FILE = "/airflow/xcom/return.json"
+"""Where KPO's xcom sidecar reads the return value; the runner writes its summary there."""
+WORK_MOUNT = "/work"
+"""The image's HOME and writable volume: the root filesystem stays read-only."""
+TMP_VOLUME = "studio-tmp"
+WORK_VOLUME = "studio-work"
+SHM_VOLUME = "dshm"
+GPU_RESOURCE = "nvidia.com/gpu"
+DEFAULT_GPU_NODE_SELECTOR: Mapping[str, str] = {"nvidia.com/gpu.present": "true"}
+"""The label NVIDIA's GPU feature discovery (GPU operator) puts on GPU nodes."""
+DEFAULT_GPU_TOLERATIONS: tuple[k8s.V1Toleration, ...] = (
+    k8s.V1Toleration(key=GPU_RESOURCE, operator="Exists", effect="NoSchedule"),
+)
+DEFAULT_CREDENTIALS_SECRET = "studio-s3-credentials"
+DEFAULT_CREDENTIALS_SECRET_KEYS: Mapping[str, str] = {
+    "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+}
+"""Pod environment variable → key in the Secret."""
+
+_DERIVABLE_POD_FIELDS = ("container_resources", "node_selector", "tolerations", "arguments")
+
+
+class StudioRunnerPodOperator(KubernetesPodOperator):
+    """Base for operators that start one ``studio-runner``: in a pod of ``runner_image``, or locally.
+
+    Subclasses give the runner's ``arguments`` (or build them late by overriding
+    :meth:`runner_arguments`, once templates are rendered), extend :meth:`_shape_pod` for what
+    their pod needs beyond the common shape, and choose in ``execute`` between
+    ``super().execute`` (the pod) and :meth:`_run_local_runner` after :meth:`_mode`. Every
+    KubernetesPodOperator argument a caller gives explicitly wins over what is derived here.
+
+    :param resources_needed: (templated) StudioML resources (``cpus``, ``ram``, ``hdd``, ``gpus``,
+        ``gpuCount``, ``gpuMem``) that size the pod: ``nvidia.com/gpu`` = the card count, CPU
+        and memory requests, and a GPU node selector and toleration when cards are asked for.
+    :param aws_conn_id: AWS connection whose keys a local runner gets in its environment.
+    :param execution_mode: ``"kubernetes"`` or ``"local"``; default ``[studio] execution_mode``,
+        read on the worker when the task runs.
+    :param runner_image: runner image; default ``[studio] runner_image``.
+    :param runner_options: extra options for the runner command, after the operator's own.
+    :param gpu_node_selector: node selector for GPU pods; default
+        ``{"nvidia.com/gpu.present": "true"}``, ``{}`` for none.
+    :param gpu_tolerations: tolerations for GPU pods; default ``nvidia.com/gpu`` Exists NoSchedule.
+    :param aws_credentials_secret: Kubernetes Secret holding the runner's AWS keys; None when the
+        pod gets them otherwise (IRSA, instance role).
+    :param aws_credentials_secret_keys: pod variable → key in that Secret.
+    :param shm_size: size limit of the memory-backed ``/dev/shm`` (e.g. ``"8Gi"``); default none.
+    :param local_kill_grace_period: local mode: seconds between SIGTERM and SIGKILL on kill.
+    """
+
+    template_fields: Sequence[str] = (*KubernetesPodOperator.template_fields, "resources_needed")
+    local_reserved_env: frozenset[str] = frozenset()
+    """Runner options the runner also reads from its environment, which a worker's stray values
+    must not set for a local runner (the operator sets them itself)."""
+
+    def __init__(
+        self,
+        *,
+        resources_needed: Mapping[str, Any] | str | None = None,
+        aws_conn_id: str | None = "aws_default",
+        execution_mode: str | None = None,
+        runner_image: str | None = None,
+        runner_options: Sequence[str] = (),
+        gpu_node_selector: Mapping[str, str] | None = None,
+        gpu_tolerations: Sequence[k8s.V1Toleration | Mapping[str, Any]] | None = None,
+        aws_credentials_secret: str | None = DEFAULT_CREDENTIALS_SECRET,
+        aws_credentials_secret_keys: Mapping[str, str] | None = None,
+        shm_size: str | None = None,
+        local_kill_grace_period: float = 60.0,
+        **kwargs: Any,
+    ) -> None:
+        if execution_mode is not None and execution_mode not in EXECUTION_MODES:
+            raise ValueError(f"execution_mode must be one of {EXECUTION_MODES}, not {execution_mode!r}")
+        self.resources_needed = resources_needed
+        self.aws_conn_id = aws_conn_id
+        self.execution_mode = execution_mode
+        self.runner_options = list(runner_options)
+        self.gpu_node_selector = gpu_node_selector
+        self.gpu_tolerations = gpu_tolerations
+        self.shm_size = shm_size
+        self.local_kill_grace_period = local_kill_grace_period
+        # Pod shape that depends on (possibly templated) values is filled in when the pod is
+        # built, after rendering; what the caller gave explicitly is left alone.
+        self._derived_pod_fields = frozenset(
+            name for name in _DERIVABLE_POD_FIELDS if kwargs.get(name) is None
+        )
+        kwargs.setdefault(
+            "image", runner_image or conf.get("studio", "runner_image", fallback=DEFAULT_RUNNER_IMAGE)
+        )
+        # no ``cmds``: the image's entrypoint (tini, then studio-runner) must stay PID 1 so
+        # signals reach the runner and orphaned workload processes are reaped
+        kwargs.setdefault("do_xcom_push", True)
+        kwargs.setdefault("container_security_context", runner_security_context())
+        kwargs.setdefault("xcom_sidecar_container_security_context", runner_security_context())
+        kwargs.setdefault("volumes", runner_volumes(shm_size))
+        kwargs.setdefault("volume_mounts", runner_volume_mounts())
+        kwargs.setdefault("secrets", credential_secrets(aws_credentials_secret, aws_credentials_secret_keys))
+        super().__init__(**kwargs)
+        self._hook: AwsBaseHook | None = None
+        self._local_runner: LocalRunnerProcess | None = None
+
+    # --- execution mode ----------------------------------------------------------------------
+
+    def _mode(self) -> str:
+        mode = (self.execution_mode or conf.get("studio", "execution_mode", fallback=KUBERNETES)).strip()
+        if mode.lower() not in EXECUTION_MODES:
+            raise AirflowFailException(
+                f"[studio] execution_mode is {mode!r}; set it to one of {EXECUTION_MODES} "
+                "(AIRFLOW__STUDIO__EXECUTION_MODE)"
+            )
+        return mode.lower()
+
+    # --- the pod -----------------------------------------------------------------------------
+
+    def build_pod_request_obj(self, context: Context | None = None, *, dry_run: bool = False) -> k8s.V1Pod:
+        """KPO's pod, after the parts that follow from rendered values are filled in."""
+        self._shape_pod()
+        return super().build_pod_request_obj(context, dry_run=dry_run)
+
+    def runner_arguments(self) -> list[str]:
+        """The runner's arguments when the caller gave none, built after rendering."""
+        raise NotImplementedError(f"{type(self).__name__} gives no runner arguments")
+
+    def _shape_pod(self) -> None:
+        """Resources, GPU placement and (late) arguments; subclasses add their own parts."""
+        resources = self._resources()
+        gpus = resources.cards > 0
+        if "container_resources" in self._derived_pod_fields:
+            self.container_resources = pod_resources(resources)
+        if "node_selector" in self._derived_pod_fields:
+            selector = DEFAULT_GPU_NODE_SELECTOR if self.gpu_node_selector is None else self.gpu_node_selector
+            self.node_selector = dict(selector) if gpus else {}
+        if "tolerations" in self._derived_pod_fields:
+            tolerations = DEFAULT_GPU_TOLERATIONS if self.gpu_tolerations is None else self.gpu_tolerations
+            self.tolerations = [convert_toleration(t) for t in tolerations] if gpus else []
+        if "arguments" in self._derived_pod_fields:
+            self.arguments = self.runner_arguments()
+
+    def _resources(self) -> Resources:
+        try:
+            return resources_from(self.resources_needed)
+        except ValueError as error:
+            raise AirflowFailException(f"resources_needed: {error}") from None
+
+    # --- local mode --------------------------------------------------------------------------
+
+    def _run_local_runner(
+        self, command: Sequence[str], env: Mapping[str, str], stdin: bytes | None = None
+    ) -> LocalRunnerProcess:
+        """Run ``command`` on this worker until it exits (stopped if the task is killed)."""
+        runner = LocalRunnerProcess(
+            command, env=env, log=self.log, kill_grace_period=self.local_kill_grace_period
+        )
+        self._local_runner = runner
+        try:
+            runner.run(stdin)
+        finally:
+            self._local_runner = None
+        return runner
+
+    def _local_runner_environment(self, region: str | None) -> dict[str, str]:
+        """The worker's environment less Airflow's settings, plus the connection's keys: the
+        only place a local runner's credentials appear."""
+        env = worker_environment(self.local_reserved_env)
+        keys = self._connection_keys()
+        if keys is not None:
+            for name in CREDENTIAL_NAMES:
+                env.pop(name, None)
+            env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"] = keys[0], keys[1]
+            if keys[2]:
+                env["AWS_SESSION_TOKEN"] = keys[2]
+        if region:
+            env["AWS_DEFAULT_REGION"] = region
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def _aws_hook(self) -> AwsBaseHook:
+        if self._hook is None:
+            from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+
+            self._hook = AwsBaseHook(aws_conn_id=self.aws_conn_id, client_type="s3")
+        return self._hook
+
+    def _connection_keys(self) -> tuple[str, str, str | None] | None:
+        """The connection's resolved keys (role assumption and all), else its login and password."""
+        hook = self._aws_hook()
+        try:
+            credentials = hook.get_credentials()
+            if credentials.access_key and credentials.secret_key:
+                return credentials.access_key, credentials.secret_key, credentials.token
+        except Exception as error:
+            self.log.info("AWS connection %s resolved no session keys (%s)", self.aws_conn_id, error)
+        if self.aws_conn_id:
+            try:
+                connection = hook.get_connection(self.aws_conn_id)
+            except AirflowNotFoundException:
+                connection = None
+            if connection is not None and connection.login and connection.password:
+                return connection.login, connection.password, None
+        self.log.warning(
+            "AWS connection %s gives no keys; the runner will use the worker's own credential chain",
+            self.aws_conn_id,
+        )
+        return None
+
+    def on_kill(self) -> None:
+        runner = self._local_runner
+        if runner is not None:
+            runner.stop()
+        super().on_kill()
+
+
+# --- pod parts -------------------------------------------------------------------------------
+
+
+def pod_resources(resources: Resources) -> k8s.V1ResourceRequirements | None:
+    """CPU and memory requests and the GPU limit (extended resources go in limits) for a request."""
+    requests: dict[str, str] = {}
+    if resources.cpus:
+        requests["cpu"] = str(resources.cpus)
+    if resources.ram_bytes:
+        requests["memory"] = kubernetes_quantity(resources.ram_bytes)
+    limits = {GPU_RESOURCE: str(resources.cards)} if resources.cards else {}
+    if not requests and not limits:
+        return None
+    return k8s.V1ResourceRequirements(requests=requests or None, limits=limits or None)
+
+
+def kubernetes_quantity(size: int) -> str:
+    """Bytes as the shortest exact Kubernetes quantity (StudioML ``"2g"`` is ``2G``, ``"2GiB"`` ``2Gi``)."""
+    for suffix, factor in (
+        ("Ti", 1024**4),
+        ("T", 1000**4),
+        ("Gi", 1024**3),
+        ("G", 1000**3),
+        ("Mi", 1024**2),
+        ("M", 1000**2),
+        ("Ki", 1024),
+        ("k", 1000),
+    ):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{suffix}"
+    return str(size)
+
+
+def runner_volumes(shm_size: str | None) -> list[k8s.V1Volume]:
+    """A memory-backed ``/dev/shm`` (PyTorch data loaders) and a work ``emptyDir``."""
+    limit = kubernetes_quantity(parse_size(shm_size)) if shm_size else None
+    return [
+        k8s.V1Volume(
+            name=SHM_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=limit)
+        ),
+        k8s.V1Volume(name=WORK_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource()),
+        k8s.V1Volume(name=TMP_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource()),
+    ]
+
+
+def runner_volume_mounts() -> list[k8s.V1VolumeMount]:
+    return [
+        k8s.V1VolumeMount(name=SHM_VOLUME, mount_path="/dev/shm"),
+        k8s.V1VolumeMount(name=WORK_VOLUME, mount_path=WORK_MOUNT),
+        k8s.V1VolumeMount(name=TMP_VOLUME, mount_path="/tmp"),
+    ]
+
+
+def runner_security_context() -> k8s.V1SecurityContext:
+    """The Pod Security ``restricted`` profile, as deploy/ uses: the runner needs no privilege."""
+    return k8s.V1SecurityContext(
+        run_as_non_root=True,
+        run_as_user=10001,
+        run_as_group=10001,
+        read_only_root_filesystem=True,
+        allow_privilege_escalation=False,
+        capabilities=k8s.V1Capabilities(drop=["ALL"]),
+        seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
+    )
+
+
+def credential_secrets(name: str | None, keys: Mapping[str, str] | None) -> list[Secret]:
+    """AWS keys as ``secretKeyRef`` environment variables; nothing when no Secret is named."""
+    if not name:
+        return []
+    return [
+        Secret("env", variable, name, key)
+        for variable, key in (keys or DEFAULT_CREDENTIALS_SECRET_KEYS).items()
+    ]
