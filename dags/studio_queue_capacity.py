@@ -40,7 +40,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from airflow.sdk import DAG, Context, Param, TriggerRule, task
+from airflow.sdk import DAG, Param, TriggerRule, task
 from airflow.sdk.exceptions import AirflowException
 
 from airflow_provider_studio.operators.queue_runner import StudioQueueRunnerOperator, exactly
@@ -53,25 +53,6 @@ POLL_SECONDS = 15.0
 SENSOR_TIMEOUT = timedelta(hours=6)
 
 log = logging.getLogger(__name__)
-
-
-class QueueThresholdSensor(StudioQueueSensor):
-    """StudioQueueSensor whose ``min_messages`` may be a template (the trigger form's value).
-
-    The provider's sensor takes an int at parse time; rendering it per run is all this adds.
-    """
-
-    template_fields = (*StudioQueueSensor.template_fields, "min_messages")
-
-    def __init__(self, *, min_messages: int | str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.min_messages = min_messages  # type: ignore[assignment]  # an int once rendered
-
-    def execute(self, context: Context) -> Any:
-        self.min_messages = int(self.min_messages)
-        if self.min_messages < 1:
-            raise ValueError(f"min_messages must be 1 or more, not {self.min_messages}")
-        return super().execute(context)
 
 
 def runner_count(
@@ -144,7 +125,7 @@ with DAG(
         ),
     },
 ):
-    waiting = QueueThresholdSensor(
+    waiting = StudioQueueSensor(
         task_id="wait_for_experiments",
         queue_name="{{ params.queue }}",
         min_messages="{{ params.min_messages }}",

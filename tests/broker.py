@@ -26,6 +26,11 @@ def unique_queue(stem: str = "rmq_t") -> str:
     return f"{stem}_{uuid.uuid4().hex[:10]}"
 
 
+def unique(prefix: str) -> str:
+    """A fresh name (queue, connection id, task id) for one test: ``prefix`` plus ten hex digits."""
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
 def declare_like_client(amqp_url: str, queue: str, *, persistent: bool = False) -> None:
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     try:
@@ -71,10 +76,12 @@ def drain(amqp_url: str, queue: str) -> list[tuple[bytes, dict[str, Any]]]:
             connection.close()
 
 
-def management(management_url: str, path: str, method: str = "GET") -> Any:
+def management(management_url: str, path: str, method: str = "GET", body: Any = None) -> Any:
     """A call to the management HTTP API (credentials taken from the URL)."""
     parts = urlsplit(management_url)
-    request = urllib.request.Request(f"http://{parts.hostname}:{parts.port}{path}", method=method)
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"http://{parts.hostname}:{parts.port}{path}", data=data, method=method)
+    request.add_header("Content-Type", "application/json")
     token = base64.b64encode(f"{parts.username}:{parts.password}".encode()).decode()
     request.add_header("Authorization", f"Basic {token}")
     with urllib.request.urlopen(request, timeout=10) as answer:
@@ -86,6 +93,10 @@ def queue_depth(management_url: str, queue: str) -> int:
     """Ready plus unacknowledged messages, as the broker counts them now."""
     info = management(management_url, f"/api/queues/%2F/{queue}")
     return int(info.get("messages_ready", 0)) + int(info.get("messages_unacknowledged", 0))
+
+
+def drain_bodies(amqp_url: str, queue: str) -> list[bytes]:
+    return [body for body, _headers in drain(amqp_url, queue)]
 
 
 def dead_letters(services: Endpoints, queue: str) -> list[tuple[bytes, dict[str, Any]]]:

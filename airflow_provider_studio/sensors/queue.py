@@ -36,7 +36,7 @@ class StudioQueueSensor(BaseSensorOperator):
     requests and counts those that are not runnable requests as ``undecodable``.
 
     :param queue_name: ``rmq_…`` (RabbitMQ) or ``sqs_…`` (SQS) StudioML queue. Templated.
-    :param min_messages: how many ready requests to wait for.
+    :param min_messages: (templated) how many ready requests to wait for.
     :param rabbitmq_conn_id: ``studio_rabbitmq`` connection for ``rmq_`` queues.
     :param aws_conn_id: AWS connection for ``sqs_`` queues (its ``endpoint_url`` extra is honoured).
     :param peek: how many requests to read for the resources summary; they stay in the queue
@@ -47,14 +47,14 @@ class StudioQueueSensor(BaseSensorOperator):
         client creates it.
     """
 
-    template_fields: Sequence[str] = ("queue_name",)
+    template_fields: Sequence[str] = ("queue_name", "min_messages")
     ui_color = "#c9e7f5"
 
     def __init__(
         self,
         *,
         queue_name: str,
-        min_messages: int = 1,
+        min_messages: int | str = 1,
         rabbitmq_conn_id: str = StudioRabbitMQHook.default_conn_name,
         aws_conn_id: str | None = "aws_default",
         peek: int = 10,
@@ -66,14 +66,14 @@ class StudioQueueSensor(BaseSensorOperator):
         if poll_interval is not None:
             kwargs.setdefault("poke_interval", poll_interval)
         super().__init__(**kwargs)
-        if int(min_messages) < 1:
+        if not isinstance(min_messages, str) and int(min_messages) < 1:  # a template is checked once rendered
             raise ValueError(f"min_messages must be 1 or more, not {min_messages}")
         if int(peek) < 0:
             raise ValueError(f"peek must be 0 or more, not {peek}")
         if missing_queue not in MISSING_QUEUE_CHOICES:
             raise ValueError(f"missing_queue must be one of {MISSING_QUEUE_CHOICES}, not {missing_queue!r}")
         self.queue_name = queue_name
-        self.min_messages = int(min_messages)
+        self.min_messages = min_messages
         self.rabbitmq_conn_id = rabbitmq_conn_id
         self.aws_conn_id = aws_conn_id
         self.peek = int(peek)
@@ -83,6 +83,9 @@ class StudioQueueSensor(BaseSensorOperator):
     # --- deferrable path -------------------------------------------------------------------
     def execute(self, context: Context) -> Any:
         self._backend()  # a queue name without rmq_/sqs_ fails here, before any waiting
+        self.min_messages = int(self.min_messages)  # rendered from a template, e.g. a trigger-form param
+        if self.min_messages < 1:
+            raise ValueError(f"min_messages must be 1 or more, not {self.min_messages}")
         if not self.deferrable:
             return super().execute(context)
         self.defer(

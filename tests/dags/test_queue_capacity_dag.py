@@ -7,7 +7,6 @@ sensor, starts runners that drain the queue and exit when it is idle, and sums u
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import sqlite3
@@ -15,7 +14,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +23,7 @@ from urllib.parse import quote, urlsplit
 import pika
 import pytest
 
-from tests.broker import queue_depth, unique_queue
+from tests.broker import management, queue_depth, unique_queue
 from tests.polling import wait_for
 from tests.runner.results import final_document, tar_members
 
@@ -141,26 +139,20 @@ def broker_user(services) -> Iterator[tuple[str, str]]:
     """A broker user of its own, with a password that must appear nowhere Airflow writes."""
     login = f"capacity_{uuid.uuid4().hex[:8]}"
     password = f"pw/{uuid.uuid4().hex}@x:y"
-    management("PUT", services, f"/api/users/{login}", {"password": password, "tags": "monitoring"})
     management(
-        "PUT", services, f"/api/permissions/%2F/{login}", {"configure": ".*", "write": ".*", "read": ".*"}
+        services.amqp_management_url,
+        f"/api/users/{login}",
+        "PUT",
+        {"password": password, "tags": "monitoring"},
+    )
+    management(
+        services.amqp_management_url,
+        f"/api/permissions/%2F/{login}",
+        "PUT",
+        {"configure": ".*", "write": ".*", "read": ".*"},
     )
     yield login, password
-    management("DELETE", services, f"/api/users/{login}")
-
-
-def management(method: str, services, path: str, body: dict[str, Any] | None = None) -> None:
-    parts = urlsplit(services.amqp_management_url)
-    request = urllib.request.Request(
-        f"http://{parts.hostname}:{parts.port}{path}",
-        data=json.dumps(body).encode() if body is not None else None,
-        method=method,
-        headers={"Content-Type": "application/json"},
-    )
-    token = base64.b64encode(f"{parts.username}:{parts.password}".encode()).decode()
-    request.add_header("Authorization", f"Basic {token}")
-    with urllib.request.urlopen(request, timeout=10):
-        pass
+    management(services.amqp_management_url, f"/api/users/{login}", "DELETE")
 
 
 def query(db: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:

@@ -26,8 +26,8 @@ from kubernetes.client import models as k8s
 from airflow_provider_studio.operators.queue_runner import StudioQueueRunnerOperator, exactly
 from tests.broker import queue_depth, unique_queue
 from tests.polling import wait_for
+from tests.provider.connections import rabbitmq_connection, set_connection
 from tests.provider.test_experiment_operator import RecordingTI, runtime_context, seaweed_conn_json
-from tests.provider.test_rabbitmq_hook import rabbitmq_connection, set_connection
 from tests.runner.conftest import runner_cache, studio_client, studioml_client  # noqa: F401  (fixtures)
 from tests.runner.results import tar_members
 

@@ -25,16 +25,9 @@ from airflow.sdk.exceptions import (
 from airflow_provider_studio.exceptions import BrokerAuthError, QueueNotFound
 from airflow_provider_studio.sensors.queue import StudioQueueSensor
 from airflow_provider_studio.triggers.queue import StudioQueueTrigger, summarise_requests
-
-from .test_rabbitmq_hook import (
-    declare_like_client,
-    drain,
-    publish_like_client,
-    rabbitmq_connection,
-    set_connection,
-    studio_request,
-    unique,
-)
+from tests.broker import declare_like_client, drain_bodies, publish_like_client, unique
+from tests.provider.connections import rabbitmq_connection, set_connection
+from tests.runner.client_requests import queued_request as studio_request
 
 SUCCESS = {
     "status": "success",
@@ -67,7 +60,7 @@ def test_defaults():
     sensor = make_sensor()
     assert sensor.deferrable is True
     assert sensor.rabbitmq_conn_id == "studio_rabbitmq_default"
-    assert sensor.template_fields == ("queue_name",)
+    assert sensor.template_fields == ("queue_name", "min_messages")
 
 
 def test_poll_interval_sets_the_poke_interval():
@@ -172,7 +165,7 @@ def test_poke_waits_then_returns_depth_and_resources(services, rmq_conn_id, queu
     expected = {"queue": queue, "depth": 2, "resources": summarise_requests(bodies)}
     assert answer.xcom_value == expected
     assert sensor.execute(context={}) == expected  # the same XCom as the deferrable path
-    assert drain(services.amqp_url, queue) == bodies
+    assert drain_bodies(services.amqp_url, queue) == bodies
 
 
 def test_poke_timeout_with_soft_fail_skips(rmq_conn_id, queue):
@@ -303,4 +296,4 @@ def test_airflow_dags_test_defers_and_fires_when_a_request_arrives(airflow_db, s
     xcom = json.loads(value)
     xcom = json.loads(xcom) if isinstance(xcom, str) else xcom
     assert xcom == {"queue": queue, "depth": 1, "resources": summarise_requests([body])}
-    assert drain(services.amqp_url, queue) == [body]  # waiting consumed nothing
+    assert drain_bodies(services.amqp_url, queue) == [body]  # waiting consumed nothing

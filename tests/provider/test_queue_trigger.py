@@ -20,17 +20,9 @@ from studio_runner.units import parse_size
 from airflow_provider_studio.hooks.rabbitmq import StudioRabbitMQHook
 from airflow_provider_studio.triggers import queue as trigger_module
 from airflow_provider_studio.triggers.queue import StudioQueueTrigger, summarise_requests
-
-from .test_rabbitmq_hook import (
-    closed_port,
-    declare_like_client,
-    drain,
-    publish_like_client,
-    rabbitmq_connection,
-    set_connection,
-    studio_request,
-    unique,
-)
+from tests.broker import declare_like_client, drain_bodies, publish_like_client, unique
+from tests.provider.connections import closed_port, rabbitmq_connection, set_connection
+from tests.runner.client_requests import queued_request as studio_request
 
 EVENT_TIMEOUT = 60.0
 """Only a guard against a hung test; nothing here measures speed."""
@@ -185,7 +177,7 @@ async def test_rabbitmq_fires_once_enough_requests_arrive(services, monkeypatch,
         "resources": summarise_requests(first + later),
     }
     assert payload["resources"]["undecodable"] == 1 and payload["resources"]["cards"] == 1
-    assert drain(services.amqp_url, queue) == first + later  # the trigger consumed nothing
+    assert drain_bodies(services.amqp_url, queue) == first + later  # the trigger consumed nothing
 
 
 async def test_rabbitmq_peek_zero_skips_the_summary(services, rmq_conn_id):

@@ -6,11 +6,7 @@ The publishing helpers here are also used by the trigger and sensor tests.
 from __future__ import annotations
 
 import json
-import socket
-import uuid
-from collections.abc import Iterable
 
-import pika
 import pytest
 from airflow.sdk import Connection
 
@@ -21,126 +17,9 @@ from airflow_provider_studio.exceptions import (
     StudioQueueError,
 )
 from airflow_provider_studio.hooks.rabbitmq import BrokerSettings, QueueState, StudioRabbitMQHook
-
-EXCHANGE = "StudioML.topic"
-
-
-# --- helpers shared with the trigger and sensor tests -------------------------------------------
-def studio_request(key: str, **resources: object) -> bytes:
-    """A request shaped like the one ``studio run`` publishes (trimmed ``pythonenv``)."""
-    needed = {"gpus": 0, "cpus": 1, "ram": "2g", "hdd": "3g", **resources}
-    artifact_root = "s3://127.0.0.1:8333/studioml-artifacts"
-    workspace_key = f"blobstore/{uuid.uuid4().hex}.tar"
-    body = {
-        "experiment": {
-            "key": key,
-            "args": ["arg1", "--flag=2"],
-            "filename": "hello.py",
-            "pythonenv": ["numpy==2.4.6", "pika==1.4.4", "studioml==0.0.49"],
-            "project": "research",
-            "pythonver": "3.11",
-            "resources_needed": needed,
-            "status": "waiting",
-            "time_added": 1795336687.93,
-            "max_duration": None,
-            "owner": "guest",
-            "artifacts": {
-                "workspace": {
-                    "unpack": True,
-                    "mutable": False,
-                    "key": workspace_key,
-                    "qualified": f"{artifact_root}/{workspace_key}",
-                    "bucket": "studioml-artifacts",
-                },
-                "output": {
-                    "unpack": True,
-                    "mutable": True,
-                    "key": f"experiments/{key}/output.tar",
-                    "qualified": f"{artifact_root}/experiments/{key}/output.tar",
-                    "bucket": "studioml-artifacts",
-                },
-            },
-        },
-        "config": {
-            "cloud": {"queue": {"rmq": "amqp://guest:guest@127.0.0.1:5672/%2f"}},
-            "env": {"AWS_DEFAULT_REGION": "us-east-1", "PYTHONUNBUFFERED": "1"},
-            "experimentLifetime": "30m",
-        },
-    }
-    return json.dumps(body).encode()
-
-
-def declare_like_client(amqp_url: str, queue: str) -> None:
-    """The client's own declarations: topic exchange (durable, auto-delete), plain queue, ``StudioML.<queue>`` binding."""
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    try:
-        channel = connection.channel()
-        channel.exchange_declare(EXCHANGE, exchange_type="topic", durable=True, auto_delete=True)
-        channel.queue_declare(queue, durable=False)
-        channel.queue_bind(queue, EXCHANGE, routing_key=f"StudioML.{queue}")
-    finally:
-        connection.close()
-
-
-def publish_like_client(amqp_url: str, queue: str, bodies: Iterable[bytes]) -> None:
-    """Publish as the client does: mandatory, with publisher confirms, so each message is queued on return."""
-    declare_like_client(amqp_url, queue)
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    try:
-        channel = connection.channel()
-        channel.confirm_delivery()
-        properties = pika.BasicProperties(content_type="application/json", app_id="studioml", delivery_mode=2)
-        for body in bodies:
-            channel.basic_publish(EXCHANGE, f"StudioML.{queue}", body, properties, mandatory=True)
-    finally:
-        connection.close()
-
-
-def drain(amqp_url: str, queue: str) -> list[bytes]:
-    """Consume (ack) everything in the queue, as a runner eventually would."""
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    bodies = []
-    try:
-        channel = connection.channel()
-        while True:
-            method, _properties, body = channel.basic_get(queue, auto_ack=True)
-            if method is None:
-                return bodies
-            bodies.append(body)
-    finally:
-        connection.close()
-
-
-def rabbitmq_connection(
-    services, *, password: str = "guest", port: int | None = None, vhost: str = "/"
-) -> dict[str, object]:
-    """A ``studio_rabbitmq`` connection in the JSON form ``AIRFLOW_CONN_<ID>`` takes."""
-    amqp_port = pika.URLParameters(services.amqp_url).port
-    return {
-        "conn_type": "studio_rabbitmq",
-        "host": "127.0.0.1",
-        "port": port or amqp_port,
-        "login": "guest",
-        "password": password,
-        "schema": vhost,
-        "extra": {"management_url": services.amqp_management_url},
-    }
-
-
-def set_connection(monkeypatch: pytest.MonkeyPatch, conn_id: str, definition: dict[str, object]) -> str:
-    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(definition))
-    return conn_id
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}{uuid.uuid4().hex[:10]}"
+from tests.broker import declare_like_client, drain_bodies, publish_like_client, unique
+from tests.provider.connections import closed_port, rabbitmq_connection, set_connection
+from tests.runner.client_requests import queued_request as studio_request
 
 
 # --- fixtures --------------------------------------------------------------------------------------
@@ -186,7 +65,7 @@ def test_peek_leaves_every_message_in_place(services, hook, queue):
     assert hook.peek(queue, limit=2) == bodies[:2]
     assert hook.peek(queue, limit=10) == bodies  # asking for more than is there is fine
     assert hook.queue_depth(queue) == 4
-    assert drain(services.amqp_url, queue) == bodies  # still deliverable, in the original order
+    assert drain_bodies(services.amqp_url, queue) == bodies  # still deliverable, in the original order
 
 
 def test_peek_of_an_empty_queue_is_empty(hook, queue):
@@ -200,7 +79,7 @@ async def test_async_state_reads_depth_and_peeks_without_consuming(services, hoo
     state = await hook.aqueue_state(queue, peek_limit=2)
     assert state == QueueState(queue=queue, depth=3, bodies=tuple(bodies[:2]))
     assert (await hook.aqueue_state(queue)).depth == 3
-    assert drain(services.amqp_url, queue) == bodies
+    assert drain_bodies(services.amqp_url, queue) == bodies
 
 
 # --- the three failures, each its own exception with what to fix -----------------------------------

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import tarfile
 import time
+import uuid
 from typing import Any
 
 from devtools.services import Endpoints
@@ -71,3 +73,46 @@ def client_request(
         },
         "config": {"env": {"AWS_DEFAULT_REGION": services.region}, "experimentLifetime": "30m"},
     }
+
+
+def queued_request(key: str, **resources: object) -> bytes:
+    """A body shaped like the one ``studio run`` publishes (trimmed ``pythonenv``), for queue tests
+    that look at requests without running them."""
+    needed = {"gpus": 0, "cpus": 1, "ram": "2g", "hdd": "3g", **resources}
+    root = "s3://127.0.0.1:8333/studioml-artifacts"
+    workspace_key = f"blobstore/{uuid.uuid4().hex}.tar"
+
+    def artifact(object_key: str, mutable: bool) -> dict[str, Any]:
+        return {
+            "unpack": True,
+            "mutable": mutable,
+            "key": object_key,
+            "qualified": f"{root}/{object_key}",
+            "bucket": "studioml-artifacts",
+        }
+
+    body = {
+        "experiment": {
+            "key": key,
+            "args": ["arg1", "--flag=2"],
+            "filename": "hello.py",
+            "pythonenv": ["numpy==2.4.6", "pika==1.4.4", "studioml==0.0.49"],
+            "project": "research",
+            "pythonver": "3.11",
+            "resources_needed": needed,
+            "status": "waiting",
+            "time_added": 1795336687.93,
+            "max_duration": None,
+            "owner": "guest",
+            "artifacts": {
+                "workspace": artifact(workspace_key, False),
+                "output": artifact(f"experiments/{key}/output.tar", True),
+            },
+        },
+        "config": {
+            "cloud": {"queue": {"rmq": "amqp://guest:guest@127.0.0.1:5672/%2f"}},
+            "env": {"AWS_DEFAULT_REGION": "us-east-1", "PYTHONUNBUFFERED": "1"},
+            "experimentLifetime": "30m",
+        },
+    }
+    return json.dumps(body).encode()

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import base64
-import json
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
-import time
-import urllib.request
-import uuid
-from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import pika
 import pytest
@@ -30,49 +24,8 @@ from studio_runner.queues.rabbitmq import (
 from studio_runner.service import QueueMatcher
 
 from devtools.services import Endpoints
-
-EXCHANGE = "StudioML.topic"
-
-
-# --- the client's side, as observed (shared/spec/STUDIOML_CLIENT.md) ------------------------------
-def client_publish(amqp_url: str, queue: str, body: bytes, *, persistent: bool = False) -> None:
-    """Declare, bind and publish with the flags the real ``studio run`` uses."""
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    try:
-        channel = connection.channel()
-        channel.exchange_declare(EXCHANGE, "topic", durable=True, auto_delete=True)
-        channel.queue_declare(queue, durable=persistent)
-        channel.queue_bind(queue, EXCHANGE, routing_key=f"StudioML.{queue}")
-        channel.confirm_delivery()
-        properties = pika.BasicProperties(
-            content_type="application/json", app_id="studioml", delivery_mode=2 if persistent else 1
-        )
-        channel.basic_publish(EXCHANGE, f"StudioML.{queue}", body, properties=properties, mandatory=True)
-    finally:
-        connection.close()
-
-
-def management(services: Endpoints, path: str, method: str = "GET") -> Any:
-    parts = urlsplit(services.amqp_management_url)
-    request = urllib.request.Request(f"http://{parts.hostname}:{parts.port}{path}", method=method)
-    token = base64.b64encode(f"{parts.username}:{parts.password}".encode()).decode()
-    request.add_header("Authorization", f"Basic {token}")
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        text = answer.read()
-    return json.loads(text) if text else None
-
-
-def unique(stem: str = "rmq_t") -> str:
-    return f"{stem}_{uuid.uuid4().hex[:10]}"
-
-
-def wait_for(check, timeout: float = 15.0, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
+from tests.broker import EXCHANGE, management, publish_like_client, unique_queue
+from tests.polling import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +37,10 @@ def transport(services: Endpoints) -> RabbitMQTransport:
 def test_discovery_lists_queues_bound_to_the_studio_exchange(
     services: Endpoints, transport: RabbitMQTransport
 ) -> None:
-    work, other = unique(), unique()
-    client_publish(services.amqp_url, work, b"{}")
-    client_publish(services.amqp_url, f"{work}_response", b"{}")
-    client_publish(services.amqp_url, other, b"{}", persistent=True)
+    work, other = unique_queue(), unique_queue()
+    publish_like_client(services.amqp_url, work, [b"{}"])
+    publish_like_client(services.amqp_url, f"{work}_response", [b"{}"])
+    publish_like_client(services.amqp_url, other, [b"{}"], persistent=True)
     # bound with another routing-key prefix, or not bound at all: not StudioML queues
     connection = pika.BlockingConnection(pika.URLParameters(services.amqp_url))
     channel = connection.channel()
@@ -105,7 +58,7 @@ def test_discovery_lists_queues_bound_to_the_studio_exchange(
     assert {work, other} <= {n for n in names if matcher(n)}
     assert {f"{work}_response", f"{other}_rejected"}.isdisjoint(n for n in names if matcher(n))
     assert work not in {n for n in names if QueueMatcher(mismatch=work)(n)}
-    assert transport.exists(work) and not transport.exists(unique())
+    assert transport.exists(work) and not transport.exists(unique_queue())
 
 
 def test_management_url_is_derived_from_the_amqp_url() -> None:
@@ -116,8 +69,8 @@ def test_management_url_is_derived_from_the_amqp_url() -> None:
 # --- settling -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("persistent", [False, True], ids=["transient", "persistent"])
 def test_get_then_ack(services: Endpoints, transport: RabbitMQTransport, persistent: bool) -> None:
-    queue = unique()
-    client_publish(services.amqp_url, queue, b'{"experiment": {}}', persistent=persistent)
+    queue = unique_queue()
+    publish_like_client(services.amqp_url, queue, [b'{"experiment": {}}'], persistent=persistent)
     delivery = transport.get(queue)
     assert (delivery.queue, delivery.body, delivery.attempts, delivery.redelivered) == (
         queue,
@@ -129,15 +82,15 @@ def test_get_then_ack(services: Endpoints, transport: RabbitMQTransport, persist
     assert transport.get(queue) is None  # held by us
     delivery.ack()
     assert transport.get(queue) is None
-    assert transport.get(unique()) is None  # a queue that does not exist is simply empty
+    assert transport.get(unique_queue()) is None  # a queue that does not exist is simply empty
 
 
 @pytest.mark.parametrize("persistent", [False, True], ids=["transient", "persistent"])
 def test_requeue_retry_and_reject_keep_the_clients_declarations(
     services: Endpoints, transport: RabbitMQTransport, persistent: bool
 ) -> None:
-    queue = unique()
-    client_publish(services.amqp_url, queue, b"request", persistent=persistent)
+    queue = unique_queue()
+    publish_like_client(services.amqp_url, queue, [b"request"], persistent=persistent)
 
     transport.get(queue).requeue()
     again = transport.get(queue)
@@ -163,12 +116,12 @@ def test_requeue_retry_and_reject_keep_the_clients_declarations(
     dead.ack()
 
     # the client re-declares on every submit; it must still find its own flags
-    client_publish(services.amqp_url, queue, b"next", persistent=persistent)
-    info = management(services, f"/api/queues/%2F/{quote(queue)}")
+    publish_like_client(services.amqp_url, queue, [b"next"], persistent=persistent)
+    info = management(services.amqp_management_url, f"/api/queues/%2F/{quote(queue)}")
     assert (info["durable"], info["auto_delete"], info["arguments"]) == (persistent, False, {})
-    exchange = management(services, f"/api/exchanges/%2F/{EXCHANGE}")
+    exchange = management(services.amqp_management_url, f"/api/exchanges/%2F/{EXCHANGE}")
     assert (exchange["type"], exchange["durable"], exchange["auto_delete"]) == ("topic", True, True)
-    dead_letter = management(services, f"/api/queues/%2F/{quote(queue)}_rejected")
+    dead_letter = management(services.amqp_management_url, f"/api/queues/%2F/{quote(queue)}_rejected")
     assert dead_letter["durable"] is True
     transport.get(queue).ack()
 
@@ -176,8 +129,8 @@ def test_requeue_retry_and_reject_keep_the_clients_declarations(
 def test_a_delivery_belongs_to_the_thread_that_received_it(
     services: Endpoints, transport: RabbitMQTransport
 ) -> None:
-    queue = unique()
-    client_publish(services.amqp_url, queue, b"x")
+    queue = unique_queue()
+    publish_like_client(services.amqp_url, queue, [b"x"])
     delivery = transport.get(queue)
     errors: list[BaseException] = []
 
@@ -199,8 +152,8 @@ def test_a_delivery_belongs_to_the_thread_that_received_it(
 # --- holding ------------------------------------------------------------------------------------
 def test_a_held_delivery_outlives_the_heartbeat_interval(services: Endpoints) -> None:
     transport = RabbitMQTransport(services.amqp_url + "?heartbeat=2", services.amqp_management_url)
-    queue = unique()
-    client_publish(services.amqp_url, queue, b"long run")
+    queue = unique_queue()
+    publish_like_client(services.amqp_url, queue, [b"long run"])
     delivery = transport.get(queue)
     done = threading.Event()
     timer = threading.Timer(6.0, done.set)  # three heartbeat intervals
@@ -213,21 +166,21 @@ def test_a_held_delivery_outlives_the_heartbeat_interval(services: Endpoints) ->
 def test_a_lost_connection_fails_the_settle_and_the_message_returns(
     services: Endpoints, transport: RabbitMQTransport
 ) -> None:
-    queue = unique()
-    client_publish(services.amqp_url, queue, b"keep me")
+    queue = unique_queue()
+    publish_like_client(services.amqp_url, queue, [b"keep me"])
     delivery = transport.get(queue)
 
     def ours() -> list[str]:
         return [
             c["name"]
-            for c in management(services, "/api/connections")
+            for c in management(services.amqp_management_url, "/api/connections")
             if c.get("client_properties", {}).get("connection_name") == f"studio-runner {queue}"
         ]
 
-    names = wait_for(ours)
+    names = wait_for(ours, 15, "the delivery's connection in the management API")
     assert names, "the delivery's connection should show up in the management API"
     for name in names:
-        management(services, f"/api/connections/{quote(name, safe='')}", method="DELETE")
+        management(services.amqp_management_url, f"/api/connections/{quote(name, safe='')}", method="DELETE")
     done = threading.Event()
     threading.Timer(1.0, done.set).start()
     delivery.hold_until(done)
@@ -235,7 +188,7 @@ def test_a_lost_connection_fails_the_settle_and_the_message_returns(
         delivery.ack()
     delivery.close()
 
-    again = wait_for(lambda: transport.get(queue))
+    again = wait_for(lambda: transport.get(queue), 15, "the message to come back")
     assert again.body == b"keep me" and again.redelivered
     again.ack()
 
@@ -254,8 +207,8 @@ HOLDER = textwrap.dedent(
 def test_a_killed_holder_makes_the_message_redeliverable(
     services: Endpoints, transport: RabbitMQTransport
 ) -> None:
-    queue = unique()
-    client_publish(services.amqp_url, queue, b"survives a crash", persistent=True)
+    queue = unique_queue()
+    publish_like_client(services.amqp_url, queue, [b"survives a crash"], persistent=True)
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, services.amqp_url, services.amqp_management_url, queue],
         stdout=subprocess.PIPE,
@@ -268,7 +221,7 @@ def test_a_killed_holder_makes_the_message_redeliverable(
         holder.send_signal(signal.SIGKILL)
         holder.wait()
         holder.stdout.close()
-    delivery = wait_for(lambda: transport.get(queue))
+    delivery = wait_for(lambda: transport.get(queue), 15, "the message to come back")
     assert delivery is not None
     assert (delivery.body, delivery.redelivered, delivery.attempts) == (b"survives a crash", True, 1)
     delivery.ack()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import boto3
@@ -20,10 +19,7 @@ from studio_runner.queues.sqs import (
 from studio_runner.service import QueueMatcher
 
 from devtools.services import Endpoints
-
-
-def unique(stem: str = "sqs_t") -> str:
-    return f"{stem}_{uuid.uuid4().hex[:10]}"
+from tests.broker import unique_queue
 
 
 def credential_set(certs: Path, name: str, region: str) -> None:
@@ -59,7 +55,7 @@ def transport(services: Endpoints, certs: Path) -> SqsTransport:
 
 @pytest.fixture
 def queue(services: Endpoints) -> str:
-    name = unique()
+    name = unique_queue("sqs_t")
     sqs_client(services).create_queue(QueueName=name)
     return name
 
@@ -81,14 +77,14 @@ def test_discovery_lists_sqs_queues_and_the_matcher_picks_work_queues(
     matched = {n for n in names if QueueMatcher()(n)}
     assert queue in matched and {f"{queue}_response", f"{queue}_rejected"}.isdisjoint(matched)
     assert queue not in {n for n in names if QueueMatcher(mismatch=queue)(n)}
-    assert transport.exists(queue) and not transport.exists(unique())
-    assert transport.get(unique()) is None
+    assert transport.exists(queue) and not transport.exists(unique_queue("sqs_t"))
+    assert transport.get(unique_queue("sqs_t")) is None
 
 
 def test_credential_sets_are_rescanned_and_each_account_is_served(
     services: Endpoints, transport: SqsTransport, certs: Path
 ) -> None:
-    name = unique()
+    name = unique_queue("sqs_t")
     sqs_client(services).create_queue(QueueName=name)
     sqs_client(services, "eu-west-1").create_queue(QueueName=name)
     send(services, name, "from us-east-1")

@@ -17,7 +17,8 @@ from studio_runner.queues.sqs import SqsTransport
 from studio_runner.service import QueueMatcher, RunnerState, Service, ServiceSummary
 
 from devtools.services import Endpoints
-from tests.runner.test_queues_rabbitmq import client_publish, management, wait_for
+from tests.broker import management, publish_like_client
+from tests.polling import wait_for
 from tests.runner.test_queues_sqs import sqs_client
 
 pytestmark = pytest.mark.timeout(60)
@@ -258,7 +259,7 @@ def test_one_message_in_flight_per_queue(tmp_path: Path) -> None:
 
 def test_queues_of_every_transport_are_serviced_concurrently(tmp_path: Path, services: Endpoints) -> None:
     rmq_queue, sqs_queue = f"rmq_svc_{uuid.uuid4().hex[:8]}", f"sqs_svc_{uuid.uuid4().hex[:8]}"
-    client_publish(services.amqp_url, rmq_queue, b"via rabbitmq")
+    publish_like_client(services.amqp_url, rmq_queue, [b"via rabbitmq"])
     sqs = SqsTransport(endpoint_url=services.sqs_endpoint, region=services.region, wait_seconds=0)
     client = sqs_client(services)
     client.send_message(QueueUrl=client.create_queue(QueueName=sqs_queue)["QueueUrl"], MessageBody="via sqs")
@@ -298,7 +299,7 @@ def test_queues_of_every_transport_are_serviced_concurrently(tmp_path: Path, ser
 
 def test_a_failed_settle_loses_nothing(services: Endpoints) -> None:
     queue = f"rmq_settle_{uuid.uuid4().hex[:8]}"
-    client_publish(services.amqp_url, queue, b"precious", persistent=True)
+    publish_like_client(services.amqp_url, queue, [b"precious"], persistent=True)
     first_run, carry_on = threading.Event(), threading.Event()
     bodies: list[bytes] = []
 
@@ -316,14 +317,14 @@ def test_a_failed_settle_loses_nothing(services: Endpoints) -> None:
     def holding_connections() -> list[str]:
         return [
             c["name"]
-            for c in management(services, "/api/connections")
+            for c in management(services.amqp_management_url, "/api/connections")
             if c.get("client_properties", {}).get("connection_name") == f"studio-runner {queue}"
         ]
 
-    names = wait_for(holding_connections)
+    names = wait_for(holding_connections, 15, "the connection holding the message")
     assert names
     for name in names:  # the broker drops the connection that holds the message
-        management(services, f"/api/connections/{quote(name, safe='')}", method="DELETE")
+        management(services.amqp_management_url, f"/api/connections/{quote(name, safe='')}", method="DELETE")
     carry_on.set()
     summary = background.result()
     assert bodies == [b"precious", b"precious"]  # redelivered, run again, then acked
