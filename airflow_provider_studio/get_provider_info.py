@@ -13,6 +13,7 @@ from typing import Any
 
 INTEGRATION = "StudioML"
 CONNECTION_TYPE = "studio_rabbitmq"
+MESSAGE_KEYS_CONNECTION_TYPE = "studio_message_keys"
 
 
 def get_provider_info() -> dict[str, Any]:
@@ -50,7 +51,10 @@ def get_provider_info() -> dict[str, Any]:
         "hooks": [
             {
                 "integration-name": INTEGRATION,
-                "python-modules": ["airflow_provider_studio.hooks.rabbitmq"],
+                "python-modules": [
+                    "airflow_provider_studio.hooks.message_keys",
+                    "airflow_provider_studio.hooks.rabbitmq",
+                ],
             }
         ],
         "triggers": [
@@ -92,7 +96,44 @@ def get_provider_info() -> dict[str, Any]:
                         "management_url": "http://rabbitmq.example.com:15672",
                     },
                 },
-            }
+            },
+            {
+                "connection-type": MESSAGE_KEYS_CONNECTION_TYPE,
+                "hook-class-name": "airflow_provider_studio.hooks.message_keys.StudioMessageKeysHook",
+                "hook-name": "StudioML message keys",
+                "conn-fields": {
+                    "runner_public_key": {
+                        "label": "Runner public key (RSA, PEM)",
+                        "description": "Requests are encrypted for this key (the runners' ssh-publickey).",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "signing_private_key": {
+                        "label": "Signing private key (Ed25519, OpenSSH or PEM)",
+                        "description": (
+                            "Requests are signed with it; runners trust its public key in their "
+                            "request-signers Secret."
+                        ),
+                        "schema": {"type": ["string", "null"], "format": "password"},
+                    },
+                    "runner_private_key": {
+                        "label": "Runner private key (local execution mode only)",
+                        "description": (
+                            "Only where the runner runs on the worker (execution_mode = local); "
+                            "leave empty for Kubernetes, where pods mount it from a Secret."
+                        ),
+                        "schema": {"type": ["string", "null"], "format": "password"},
+                    },
+                    "runner_private_key_passphrase": {
+                        "label": "Runner private key passphrase (local execution mode only)",
+                        "schema": {"type": ["string", "null"], "format": "password"},
+                    },
+                },
+                "ui-field-behaviour": {
+                    "hidden-fields": ["host", "schema", "login", "password", "port", "extra"],
+                    "relabeling": {},
+                    "placeholders": {},
+                },
+            },
         ],
         "config": {
             "studio": {

@@ -34,6 +34,12 @@ S3_ACCESS_KEY = "studiotestkey"
 S3_SECRET_KEY = "studiotestsecret"
 PUBLIC_BUCKET = "studio-public"
 """Readable without credentials, for the runner's anonymous-access path."""
+TEAM_S3_KEYS = {
+    "team-a": ("studio-team-a-key", "studio-team-a-secret-4e1c9b"),
+    "team-b": ("studio-team-b-key", "studio-team-b-secret-7d20f5"),
+}
+"""Per-team identities (access key, secret key), each limited to its own buckets ``<team>-*``:
+the tenant-separation tests show one team's keys cannot read another team's artifacts."""
 
 
 class ServiceError(RuntimeError):
@@ -341,6 +347,15 @@ def _seaweedfs_identities() -> dict:
                 "actions": ["Admin", "Read", "Write", "List", "Tagging"],
             },
             {"name": "anonymous", "actions": [f"Read:{PUBLIC_BUCKET}", f"List:{PUBLIC_BUCKET}"]},
+            *(
+                {
+                    "name": team,
+                    "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                    # a trailing * matches bucket names by prefix: team-a-* is every team-a bucket
+                    "actions": [f"{action}:{team}-*" for action in ("Read", "Write", "List", "Tagging")],
+                }
+                for team, (access_key, secret_key) in TEAM_S3_KEYS.items()
+            ),
         ]
     }
 

@@ -10,7 +10,7 @@ failed genomes).
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import shlex
 import tempfile
@@ -34,6 +34,7 @@ from airflow_provider_studio.experiment_request import (
     default_experiment_key,
     results_prefix,
 )
+from airflow_provider_studio.hooks.message_keys import MessageKeys, MessageKeysError, StudioMessageKeysHook
 from airflow_provider_studio.links.experiment import StudioArtifactsLink
 from airflow_provider_studio.operators.local_runner import local_dirs, read_summary, runner_command
 from airflow_provider_studio.operators.runner_pod import (  # noqa: F401  (re-exported: public names)
@@ -41,24 +42,41 @@ from airflow_provider_studio.operators.runner_pod import (  # noqa: F401  (re-ex
     DEFAULT_CREDENTIALS_SECRET_KEYS,
     DEFAULT_GPU_NODE_SELECTOR,
     DEFAULT_GPU_TOLERATIONS,
+    DEFAULT_REQUEST_SIGNERS_SECRET,
     DEFAULT_RUNNER_IMAGE,
+    DEFAULT_RUNNER_KEY_SECRET,
     EXECUTION_MODES,
     GPU_RESOURCE,
     KUBERNETES,
     LOCAL,
+    RUNNER_GID,
     SHM_VOLUME,
     WORK_MOUNT,
     WORK_VOLUME,
     XCOM_RESULT_FILE,
     StudioRunnerPodOperator,
     kubernetes_quantity,
+    message_key_arguments,
+    message_key_mounts,
+    message_key_volumes,
     pod_resources,
 )
 
 MAX_POD_REQUEST_BYTES = 127 * 1024
 """Linux refuses to start a process with one environment string over 128 KiB."""
 
-_RUNNER_OPTION_ENV = frozenset({"REQUEST_JSON", "REQUEST", "RESULT_FILE", "WORKING_DIR", "CACHE_DIR"})
+_RUNNER_OPTION_ENV = frozenset(
+    {
+        "REQUEST_JSON",
+        "REQUEST",
+        "RESULT_FILE",
+        "WORKING_DIR",
+        "CACHE_DIR",
+        "ENCRYPT_DIR",
+        "REQUEST_SIGNATURES_DIR",
+        "CLEAR_TEXT_MESSAGES",
+    }
+)
 """The runner reads its options from these too (``REQUEST_JSON`` even wins over ``--request``),
 so a worker's stray values must not reach a local runner."""
 
@@ -141,6 +159,18 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
     :param shm_size: size limit of the memory-backed ``/dev/shm`` (e.g. ``"8Gi"``); default none.
     :param local_kill_grace_period: local mode: seconds between SIGTERM (the runner stops the
         workload and uploads what it has) and SIGKILL when the task is killed.
+    :param message_keys_conn_id: a ``studio_message_keys`` connection: the request is then
+        encrypted for the runner's RSA key and signed with the connection's Ed25519 key, so
+        ``REQUEST_JSON`` in the pod spec holds only the envelope and the rendered
+        ``studio_request`` is redacted. The pod mounts ``runner_key_secret`` and
+        ``request_signers_secret`` for the runner (``--encrypt-dir``,
+        ``--request-signatures-dir``); a local runner gets the connection's
+        ``runner_private_key`` in a private folder that is removed after the run. Not templated:
+        key material never passes through a rendered field.
+    :param runner_key_secret: Kubernetes Secret with the runner's ``ssh-privatekey`` and
+        ``ssh-passphrase`` (deploy/'s ``studio-runner-message-key``).
+    :param request_signers_secret: Kubernetes Secret with the trusted signers' ``ssh-ed25519``
+        public keys, one per file (deploy/'s ``studio-runner-request-signers``).
 
     Mapped experiments read best with ``map_index_template``; the operator puts the key in the
     context as ``experiment_key``::
@@ -219,6 +249,9 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
         s3_credentials_secret_keys: Mapping[str, str] | None = None,
         shm_size: str | None = None,
         local_kill_grace_period: float = 60.0,
+        message_keys_conn_id: str | None = None,
+        runner_key_secret: str = DEFAULT_RUNNER_KEY_SECRET,
+        request_signers_secret: str = DEFAULT_REQUEST_SIGNERS_SECRET,
         **kwargs: Any,
     ) -> None:
         self.script = script
@@ -271,6 +304,12 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
         self._s3_endpoint: S3Endpoint | None = None
         self._summary: dict[str, Any] | None = None
         self._concluded: dict[str, Any] | None = None
+        self.message_keys_conn_id = message_keys_conn_id
+        self.runner_key_secret = runner_key_secret
+        self.request_signers_secret = request_signers_secret
+        self._message_keys: MessageKeys | None = None
+        self._request_json: str | None = None
+        """What the runner is given: the request's JSON, or its sealed envelope."""
 
     # --- the request -------------------------------------------------------------------------
 
@@ -313,6 +352,18 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
         self.experiment_key = key
         self.results_bucket = bucket
         self.studio_request = request.to_wire()
+        self._request_json = request.to_json()
+        if self.message_keys_conn_id:
+            keys = self._keys()
+            self._request_json = keys.seal(self._request_json)
+            # Rendered fields live in Airflow's database and UI: no readable secrets there either.
+            self.studio_request = request.redacted()
+            self.log.info(
+                "experiment %s: request encrypted for the runner key of %s and signed by %s",
+                key,
+                self.message_keys_conn_id,
+                keys.signer_fingerprint,
+            )
         self.log.info(
             "experiment %s: results in s3://%s/%s at %s",
             key,
@@ -424,8 +475,8 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
         super()._shape_pod()
         env = list(convert_env_vars(self.env_vars or []))
         names = {variable.name for variable in env}
-        if self.studio_request is not None and "REQUEST_JSON" not in names:
-            request_json = json.dumps(self.studio_request, separators=(",", ":"))
+        if self._request_json is not None and "REQUEST_JSON" not in names:
+            request_json = self._request_json
             if len(request_json.encode()) > MAX_POD_REQUEST_BYTES:
                 raise AirflowFailException(
                     f"the request is {len(request_json.encode())} bytes, more than one environment "
@@ -440,6 +491,31 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
             self.arguments = [*self.arguments, "--s3-https"]
         if self.experiment_key:
             self.annotations = {**(self.annotations or {}), "studioml/experiment-key": self.experiment_key}
+        if self.message_keys_conn_id:
+            self._mount_message_keys()
+
+    def _mount_message_keys(self) -> None:
+        """The runner's decryption key and trusted signers, from Secrets, for a sealed request."""
+        volumes = list(self.volumes or [])
+        names = {volume.name for volume in volumes}
+        new_volumes = message_key_volumes(self.runner_key_secret, self.request_signers_secret)
+        self.volumes = volumes + [volume for volume in new_volumes if volume.name not in names]
+        mounts = list(self.volume_mounts or [])
+        names = {mount.name for mount in mounts}
+        self.volume_mounts = mounts + [mount for mount in message_key_mounts() if mount.name not in names]
+        if "--encrypt-dir" not in self.arguments:
+            self.arguments = [*self.arguments, *message_key_arguments()]
+        if not self.security_context:
+            # the Secret's 0440 files belong to this group, as in deploy/
+            self.security_context = k8s.V1PodSecurityContext(fs_group=RUNNER_GID)
+
+    def _keys(self) -> MessageKeys:
+        if self._message_keys is None:
+            try:
+                self._message_keys = StudioMessageKeysHook(self.message_keys_conn_id).get_keys()
+            except MessageKeysError as error:
+                raise AirflowFailException(str(error)) from None
+        return self._message_keys
 
     # --- local mode --------------------------------------------------------------------------
 
@@ -469,9 +545,18 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
                 *self.runner_options,
             ]
             self.log.info("running %s", shlex.join(command))
-            runner = self._run_local_runner(
-                command, self._local_environment(endpoint), stdin=request.to_json().encode()
-            )
+            env = self._local_environment(endpoint)
+            stdin = (self._request_json or request.to_json()).encode()
+            with contextlib.ExitStack() as stack:
+                if self.message_keys_conn_id:
+                    try:
+                        encrypt_dir, signers_dir = stack.enter_context(self._keys().local_runner_folders())
+                    except MessageKeysError as error:
+                        raise AirflowFailException(str(error)) from None
+                    # in the environment, not the command line: the runner hides its environment
+                    # from workloads, while any process can read its command line
+                    env["ENCRYPT_DIR"], env["REQUEST_SIGNATURES_DIR"] = str(encrypt_dir), str(signers_dir)
+                runner = self._run_local_runner(command, env, stdin=stdin)
             summary = read_summary(result_file)
         if summary is None:
             raise AirflowException(

@@ -325,3 +325,54 @@ def credential_secrets(name: str | None, keys: Mapping[str, str] | None) -> list
         Secret("env", variable, name, key)
         for variable, key in (keys or DEFAULT_CREDENTIALS_SECRET_KEYS).items()
     ]
+
+
+# --- message keys (encrypted and signed requests) ---------------------------------------------
+
+DEFAULT_RUNNER_KEY_SECRET = "studio-runner-message-key"
+"""As in deploy/: ``ssh-privatekey`` (the runner's RSA key) and ``ssh-passphrase``."""
+DEFAULT_REQUEST_SIGNERS_SECRET = "studio-runner-request-signers"
+"""As in deploy/: one ``ssh-ed25519`` public key per file, named with a queue-name prefix."""
+ENCRYPT_MOUNT = "/etc/studio-runner/encryption"
+SIGNERS_MOUNT = "/etc/studio-runner/request-signers"
+RUNNER_KEY_VOLUME = "studio-runner-key"
+SIGNERS_VOLUME = "studio-request-signers"
+RUNNER_GID = 10001
+"""The runner's group (``runner_security_context``); as fsGroup it may read the 0440 key files."""
+
+
+def message_key_volumes(runner_key_secret: str, request_signers_secret: str) -> list[k8s.V1Volume]:
+    """The runner's decryption key (laid out for ``--encrypt-dir``) and the trusted signers, read-only
+    0440 files. ``optional`` as in deploy/: a missing Secret makes the runner refuse the request with
+    its reason (no usable key), where a failed mount would leave the pod pending."""
+    return [
+        k8s.V1Volume(
+            name=RUNNER_KEY_VOLUME,
+            secret=k8s.V1SecretVolumeSource(
+                secret_name=runner_key_secret,
+                default_mode=0o440,
+                optional=True,
+                items=[
+                    k8s.V1KeyToPath(key="ssh-privatekey", path="encryption/ssh-privatekey"),
+                    k8s.V1KeyToPath(key="ssh-passphrase", path="passphrase/ssh-passphrase"),
+                ],
+            ),
+        ),
+        k8s.V1Volume(
+            name=SIGNERS_VOLUME,
+            secret=k8s.V1SecretVolumeSource(
+                secret_name=request_signers_secret, default_mode=0o440, optional=True
+            ),
+        ),
+    ]
+
+
+def message_key_mounts() -> list[k8s.V1VolumeMount]:
+    return [
+        k8s.V1VolumeMount(name=RUNNER_KEY_VOLUME, mount_path=ENCRYPT_MOUNT, read_only=True),
+        k8s.V1VolumeMount(name=SIGNERS_VOLUME, mount_path=SIGNERS_MOUNT, read_only=True),
+    ]
+
+
+def message_key_arguments() -> list[str]:
+    return ["--encrypt-dir", ENCRYPT_MOUNT, "--request-signatures-dir", SIGNERS_MOUNT]

@@ -28,6 +28,7 @@ from .cache import DownloadCache
 from .envelope import MessageKeys, open_message
 from .experiment import ExperimentRunner
 from .gpus import inventory, parse_slot_overrides, visible_devices_from_env
+from .jobenv import hide_runner_process
 from .outcome import EXIT_CODES, Outcome, Status
 from .pythonenv import VirtualenvCache
 from .request import RequestError
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(fmt=args.log_format, debug=args.debug)
+    hide_runner_process()  # before any workload starts: they run as this user
     try:
         if args.command == "run":
             return _run(args)
@@ -299,7 +301,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .queues.localdir import LocalDirTransport
     from .queues.rabbitmq import RabbitMQTransport
     from .queues.sqs import SqsTransport
-    from .service import QueueMatcher, Service, current_transport_kind
+    from .service import QueueMatcher, Service, current_delivery_redelivered, current_transport_kind
 
     transports = []
     if args.amqp_url:
@@ -332,8 +334,15 @@ def _serve(args: argparse.Namespace) -> int:
                 handled.append(_handled(None, queue, attempts, Status.INVALID, str(error)))
                 return Outcome(Status.INVALID, reason=str(error))
             wanted[queue] = request.experiment.resources_needed
+            redelivered = current_delivery_redelivered()
             with logs.bound(experiment=request.key):
-                log.info("experiment %s from %s (attempt %d)", request.key, queue, attempts)
+                log.info(
+                    "experiment %s from %s (attempt %d%s)",
+                    request.key,
+                    queue,
+                    attempts,
+                    ", redelivered" if redelivered else "",
+                )
                 with (
                     metrics.experiment_started(
                         current_transport_kind() or "unknown",
@@ -344,7 +353,11 @@ def _serve(args: argparse.Namespace) -> int:
                     ),
                     _reporting(responses, queue, request.key, current_transport_kind()) as reporter,
                 ):
-                    outcome = runner.run(request, cancel=cancel, reporter=reporter)
+                    # a retry copy may be the twin of a redelivered original (a crash between
+                    # publishing the copy and acking the original): both look for an earlier success
+                    outcome = runner.run(
+                        request, cancel=cancel, reporter=reporter, redelivered=redelivered or attempts > 1
+                    )
                 log.info(
                     "experiment %s %s%s",
                     request.key,

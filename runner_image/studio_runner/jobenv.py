@@ -4,13 +4,19 @@ Upstream handed the job the runner's whole environment and expanded ``%NAME%`` i
 ``config.env`` from it, so any request could read the runner's AMQP URL, SQS keys or
 decryption key paths (``"LEAK": "%AMQP_URL%"``). Here the job starts from a small allow-list
 instead, and ``%NAME%`` can only name what is already on that list.
+
+The workload also runs as the runner's user, so ``/proc/<runner pid>/environ`` would give the
+same secrets back; ``hide_runner_process`` closes that door (see docs/security.md for what a
+workload sharing the runner's user can still read).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
+import sys
 from collections.abc import Iterable, Mapping
 
 from .layout import ExperimentLayout
@@ -25,6 +31,33 @@ BASE_NAMES = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME")
 DEFAULT_LOCALE = "C.UTF-8"
 _PERCENT = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*)%")
 _SHELL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+PR_SET_DUMPABLE = 4
+
+
+def hide_runner_process() -> bool:
+    """Make this process non-dumpable: its ``/proc/<pid>/environ``, ``mem`` and ``ptrace`` then need
+    CAP_SYS_PTRACE, which runner pods drop, so a workload cannot read the runner's environment.
+
+    The workload is dumpable again after its ``exec`` (debuggers work on it); the runner gives up
+    core dumps and same-user ``py-spy``. ``/proc/<pid>/cmdline`` stays world-readable: secrets
+    belong in the environment or in files, never on the command line. True when it took effect.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0:
+            return True
+        error = ctypes.get_errno()
+    except (OSError, AttributeError) as problem:
+        error = getattr(problem, "errno", None) or 0
+    logger.warning(
+        "cannot make the runner non-dumpable (%s): workloads may read its environment",
+        os.strerror(error) if error else "no prctl",
+    )
+    return False
 
 
 def clean_base(base_env: Mapping[str, str] | None = None, passthrough: Iterable[str] = ()) -> dict[str, str]:

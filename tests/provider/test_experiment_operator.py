@@ -734,3 +734,161 @@ def test_mapped_experiments_run_end_to_end_in_local_mode(
         )
     # the virtualenv cache persists under $AIRFLOW_HOME for the next task and run
     assert any((airflow_db / "studio-runner" / "cache").iterdir())
+
+
+# --- sealed requests (message_keys_conn_id) ------------------------------------------------------
+
+KEYS_CONN = "studio_message_keys_test"
+PASSPHRASE = "operator-passphrase-0b5e9d"
+WANDB_SECRET = "wandb-secret-in-config-env-51c7e2"
+
+
+@pytest.fixture(scope="module")
+def sealing_keys():
+    from tests.security.keys import RunnerKey, new_signer
+
+    return RunnerKey.generate(PASSPHRASE), new_signer()
+
+
+@pytest.fixture
+def keys_conn(sealing_keys, monkeypatch: pytest.MonkeyPatch) -> str:
+    from tests.security.keys import message_keys_connection
+
+    runner_key, signer = sealing_keys
+    monkeypatch.setenv(f"AIRFLOW_CONN_{KEYS_CONN.upper()}", message_keys_connection(runner_key, signer))
+    return KEYS_CONN
+
+
+def test_a_sealed_request_pod_carries_only_the_envelope_and_mounts_the_runner_keys(
+    aws_s3: str, workspace: Path, keys_conn: str, sealing_keys, tmp_path: Path
+) -> None:
+    from studio_runner.envelope import MessageKeys, open_message
+    from studio_runner.request import is_envelope
+
+    from tests.security.keys import openssh_private, pem_body_lines, write_signers
+
+    runner_key, signer = sealing_keys
+    op = gpu_operator(
+        workspace,
+        aws_s3,
+        message_keys_conn_id=keys_conn,
+        env={"ENN_GENERATION": "{{ dag_run.conf['generation'] }}", "WANDB_API_KEY": WANDB_SECRET},
+    )
+    pod, _ = build_pod(op)
+    kubernetes_validate.validate(pod, kubernetes_validate.latest_version(), strict=True)
+
+    container = base_container(pod)
+    envelope = json.loads({e["name"]: e for e in container["env"]}["REQUEST_JSON"]["value"])
+    assert is_envelope(envelope)
+    runner_keys = MessageKeys(
+        runner_key.write_encrypt_dir(tmp_path / "encrypt"), write_signers(tmp_path / "signers", {"x": signer})
+    )
+    request = open_message(json.dumps(envelope), None, runner_keys, clear_text_allowed=False)
+    assert request.key == "gen12-g007"
+    assert request.config.env == {"ENN_GENERATION": "12", "WANDB_API_KEY": WANDB_SECRET}
+
+    args = container["args"]
+    assert args[args.index("--encrypt-dir") + 1] == "/etc/studio-runner/encryption"
+    assert args[args.index("--request-signatures-dir") + 1] == "/etc/studio-runner/request-signers"
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["studio-runner-key"]["secret"] == {
+        "secretName": "studio-runner-message-key",
+        "defaultMode": 0o440,
+        "optional": True,
+        "items": [
+            {"key": "ssh-privatekey", "path": "encryption/ssh-privatekey"},
+            {"key": "ssh-passphrase", "path": "passphrase/ssh-passphrase"},
+        ],
+    }
+    assert volumes["studio-request-signers"]["secret"]["secretName"] == "studio-runner-request-signers"
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["studio-runner-key"] == {
+        "name": "studio-runner-key",
+        "mountPath": "/etc/studio-runner/encryption",
+        "readOnly": True,
+    }
+    assert mounts["studio-request-signers"]["readOnly"]
+    assert pod["spec"]["securityContext"] == {"fsGroup": 10001}  # the 0440 key files' group
+
+    # no key material and no clear request anywhere in the pod or the rendered fields
+    serialised = json.dumps(pod)
+    rendered = json.dumps({field: getattr(op, field) for field in op.template_fields}, default=repr)
+    leaks = [
+        PASSPHRASE,
+        WANDB_SECRET,
+        *pem_body_lines(runner_key.private_pem),
+        *pem_body_lines(openssh_private(signer)),
+    ]
+    for secret in leaks:
+        assert secret not in serialised, secret
+    for secret in (
+        PASSPHRASE,
+        *pem_body_lines(runner_key.private_pem),
+        *pem_body_lines(openssh_private(signer)),
+    ):
+        assert secret not in rendered, secret
+    assert op.studio_request["config"]["env"]["WANDB_API_KEY"] == "***"  # the shown request is redacted
+    assert op.studio_request["experiment"]["key"] == "gen12-g007"
+
+
+def test_a_message_keys_connection_without_a_signing_key_fails_the_task(
+    aws_s3: str, workspace: Path, sealing_keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner_key, _signer = sealing_keys
+    monkeypatch.setenv(
+        f"AIRFLOW_CONN_{KEYS_CONN.upper()}",
+        json.dumps(
+            {
+                "conn_type": "studio_message_keys",
+                "extra": {"runner_public_key": runner_key.public_pem.decode()},
+            }
+        ),
+    )
+    op = gpu_operator(workspace, aws_s3, message_keys_conn_id=KEYS_CONN)
+    with pytest.raises(AirflowFailException, match="has no 'signing_private_key' extra"):
+        build_pod(op)
+
+
+def test_a_sealed_request_runs_locally_with_private_key_folders_removed_after(
+    seaweed_conn: str,
+    keys_conn: str,
+    bucket: str,
+    s3_client,
+    workspace: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from airflow_provider_studio.operators.runner_pod import StudioRunnerPodOperator
+
+    monkeypatch.setenv("ENCRYPT_DIR", "/nowhere/stray")  # a worker's own value must not reach the runner
+    seen: dict[str, Any] = {}
+    original = StudioRunnerPodOperator._run_local_runner
+
+    def spy(self, command, env, stdin=None):
+        folders = [Path(env["ENCRYPT_DIR"]), Path(env["REQUEST_SIGNATURES_DIR"])]
+        root = folders[0].parent
+        seen.update(command=list(command), stdin=stdin, folders=folders, root=root)
+        seen["modes"] = {
+            str(path.relative_to(root)): path.stat().st_mode & 0o777 for path in [root, *root.rglob("*")]
+        }
+        return original(self, command, env, stdin)
+
+    monkeypatch.setattr(StudioRunnerPodOperator, "_run_local_runner", spy)
+    op = local_operator(workspace, bucket, args=["--fitness", "0.5"], message_keys_conn_id=keys_conn)
+    summary = op.execute({"ti": RecordingTI()})
+
+    assert summary["status"] == "succeeded"  # the runner decrypted and verified the envelope
+    output = tar_members(s3_client, bucket, f"experiments/{op.experiment_key}/output.tar")["./output"]
+    assert b"workload args: ['--fitness', '0.5']" in output
+    assert json.loads(seen["stdin"])["message"]["payload"]  # the runner's stdin held the envelope
+    assert str(seen["root"]) not in " ".join(seen["command"])  # key paths only in its environment
+    assert seen["modes"] == {
+        ".": 0o700,
+        "encrypt": 0o700,
+        "encrypt/encryption": 0o700,
+        "encrypt/encryption/ssh-privatekey": 0o600,
+        "encrypt/passphrase": 0o700,
+        "encrypt/passphrase/ssh-passphrase": 0o600,
+        "signers": 0o700,
+        "signers/airflow": 0o600,
+    }
+    assert not seen["root"].exists()  # removed after the run

@@ -84,8 +84,13 @@ def test_declared_path_imports(kind, module, name):
     assert own, f"{module} is listed under {kind} but defines no {base.__name__} subclass"
 
 
+def _connection_type(info: dict, name: str) -> dict:
+    (connection,) = [c for c in info["connection-types"] if c["connection-type"] == name]
+    return connection
+
+
 def test_connection_type_matches_the_hook():
-    (connection,) = get_provider_info()["connection-types"]
+    connection = _connection_type(get_provider_info(), "studio_rabbitmq")
     module, _, name = connection["hook-class-name"].rpartition(".")
     hook = getattr(importlib.import_module(module), name)
     assert connection["connection-type"] == hook.conn_type == "studio_rabbitmq"
@@ -94,6 +99,19 @@ def test_connection_type_matches_the_hook():
     assert hook.conn_name_attr in inspect.signature(hook.__init__).parameters
     assert set(connection["conn-fields"]) == {"management_url", "ssl"}
     assert connection["ui-field-behaviour"]["relabeling"] == {"schema": "Virtual host"}
+
+
+def test_message_keys_connection_type_matches_its_hook_and_hides_private_keys():
+    connection = _connection_type(get_provider_info(), "studio_message_keys")
+    module, _, name = connection["hook-class-name"].rpartition(".")
+    hook = getattr(importlib.import_module(module), name)
+    assert connection["connection-type"] == hook.conn_type
+    assert connection["hook-name"] == hook.hook_name
+    assert hook.conn_name_attr in inspect.signature(hook.__init__).parameters
+    fields = connection["conn-fields"]
+    assert fields["runner_public_key"]["schema"].get("format") is None  # public: shown
+    for secret in ("signing_private_key", "runner_private_key", "runner_private_key_passphrase"):
+        assert fields[secret]["schema"]["format"] == "password"  # masked in the UI and API
 
 
 def test_connection_form_comes_from_the_declaration():
@@ -162,8 +180,10 @@ def test_cli_lists_the_provider_with_its_distribution_version(cli):
 def test_cli_get_shows_the_connection_type(cli):
     (info,) = cli["get"]
     assert info["package-name"] == PACKAGE
-    (connection,) = info["connection-types"]
-    assert connection["connection-type"] == "studio_rabbitmq"
+    assert {c["connection-type"] for c in info["connection-types"]} == {
+        "studio_rabbitmq",
+        "studio_message_keys",
+    }
 
 
 def test_cli_hooks_registers_the_connection_type(cli):
