@@ -43,8 +43,9 @@ REJECTED_QUEUE_HEADER = "x-studio-rejected-queue"
 REJECTED_AT_HEADER = "x-studio-rejected-at"
 
 PERSISTENT = 2
-HOLD_TICK_SECONDS = 0.25
-"""How often ``hold_until`` looks at its event; pika answers heartbeats in between."""
+HOLD_TICK_SECONDS = 1.0
+"""The longest ``hold_until`` services the connection between looks at its event; setting the
+event wakes it at once (a thread-safe callback), so an ack never waits for the tick."""
 BLOCKED_CONNECTION_TIMEOUT = 300.0
 """A broker under a resource alarm blocks publishers; give up (and keep the message) after this."""
 
@@ -199,6 +200,14 @@ class RabbitMQDelivery(Delivery):
     def hold_until(self, done: threading.Event) -> None:
         """Service the connection (heartbeats, channel events) until ``done``; pika needs us to."""
         self._check_thread()
+        connection = self._connection
+
+        def wake() -> None:
+            done.wait()
+            with contextlib.suppress(Exception):  # the connection may be gone already
+                connection.add_callback_threadsafe(lambda: None)
+
+        threading.Thread(target=wake, name=f"wake {self.queue}", daemon=True).start()
         while not done.is_set():
             try:
                 self._connection.process_data_events(time_limit=HOLD_TICK_SECONDS)
