@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import io
+import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -33,6 +36,8 @@ from .archive import (
 )
 from .cache import DownloadCache
 from .layout import METADATA_LABEL, OUTPUT_LABEL, ExperimentLayout
+from .limits import LIFETIME_EPOCH_FLOOR
+from .metadata import SCRAPE_FILE_PREFIX, parse_scrape_file_name
 from .request import Artifact, ArtifactLocation, Request
 from .storage import LocalStore, ObjectInfo, ObjectStore, Storage, StorageError
 from .units import format_size
@@ -49,6 +54,10 @@ NOT_FETCHED = frozenset({METADATA_LABEL, OUTPUT_LABEL, SINGULARITY_LABEL})
 is an image fetched by the container mode, not by the pre-fetch."""
 _CHUNK = 1024 * 1024
 _UNLIMITED = 1 << 62
+EARLIER_ATTEMPTS_READ = 200
+"""Scrape documents read at most when looking for an earlier success (newest first)."""
+CLOCK_SLACK_SECONDS = 300.0
+"""How far a runner's clock may be behind the client's ``time_added``."""
 
 
 class ArtifactError(Exception):
@@ -407,14 +416,7 @@ class ArtifactSet:
         return results
 
     def _metadata_target(self, relative: str) -> tuple[ArtifactLocation, str] | None:
-        """Metadata files go to the bucket root (``file://``: beside the artifact's key)."""
-        artifact = self.artifacts.get(METADATA_LABEL)
-        if artifact is None or not artifact.mutable or not artifact.qualified:
-            return None
-        location = artifact.location
-        if location.scheme == "file":
-            return location, str(PurePosixPath(location.key).parent / "metadata" / relative)
-        return location, METADATA_PREFIX + relative
+        return metadata_target(self.request, relative)
 
     # --- plumbing --------------------------------------------------------------------------
     def _store(self, label: str) -> ObjectStore:
@@ -458,6 +460,65 @@ class ArtifactSet:
             log.error("unexpected error with artifact %s", label, exc_info=error)
             reason = f"{type(error).__name__}: {error}"
         return ArtifactError(label, self.uri(label), reason)
+
+
+def metadata_target(request: Request, relative: str) -> tuple[ArtifactLocation, str] | None:
+    """Metadata files go to the bucket root (``file://``: beside the artifact's key)."""
+    artifact = request.experiment.artifacts.get(METADATA_LABEL)
+    if artifact is None or not artifact.mutable or not artifact.qualified:
+        return None
+    location = artifact.location
+    if location.scheme == "file":
+        return location, str(PurePosixPath(location.key).parent / "metadata" / relative)
+    return location, METADATA_PREFIX + relative
+
+
+def find_earlier_success(request: Request, storage: Storage) -> str | None:
+    """The scrape URI of an earlier attempt of ``request`` that succeeded, or None.
+
+    A runner that dies after storing its results (scrape document last) but before its ack
+    leaves a message the broker hands out again; finding that attempt lets the message be acked
+    instead of run twice. Scrape files are named by host and start time, not by key, so the
+    attempts that started after the request was added are read, newest first.
+    """
+    target = metadata_target(request, SCRAPE_FILE_PREFIX)
+    if target is None:
+        return None  # the request keeps no scrape documents: nothing to tell by
+    location, prefix = target
+    store = storage.store_for(location, request.aws_credentials(METADATA_LABEL), request.config.env)
+    added = request.experiment.time_added
+    since = (
+        added - CLOCK_SLACK_SECONDS
+        if added is not None and math.isfinite(added) and added > LIFETIME_EPOCH_FLOOR
+        else None
+    )
+    candidates = []
+    for info in store.list(location.bucket, prefix):
+        parsed = parse_scrape_file_name(info.key)
+        if parsed is not None and (since is None or parsed[1] >= since):
+            candidates.append((parsed[1], info.key))
+    candidates.sort(reverse=True)
+    if len(candidates) > EARLIER_ATTEMPTS_READ:
+        log.warning(
+            "%d scrape documents may belong to %s; reading the newest %d",
+            len(candidates),
+            request.key,
+            EARLIER_ATTEMPTS_READ,
+        )
+    for _, key in candidates[:EARLIER_ATTEMPTS_READ]:
+        text = io.BytesIO()
+        store.download(location.bucket, key, text)
+        try:
+            studioml = json.loads(text.getvalue()).get("studioml")
+            if studioml["status"] == "succeeded" and studioml["experiment"]["key"] == request.key:
+                return (
+                    f"file://{key}"
+                    if location.scheme == "file"
+                    else f"s3://{_host(location)}/{location.bucket}/{key}"
+                )
+        except (ValueError, AttributeError, KeyError, TypeError):
+            continue  # not a scrape document of ours
+    return None
 
 
 def _host(location: ArtifactLocation) -> str:

@@ -133,7 +133,9 @@ def _add_options(group: argparse._ArgumentGroup, options: tuple[tuple[str, Any, 
             try:
                 value = kind(raw) if raw not in (None, "") else default
             except ValueError as error:
-                raise SystemExit(f"studio-runner: error: environment variable {env}={raw!r}: {error}") from None
+                raise SystemExit(
+                    f"studio-runner: error: environment variable {env}={raw!r}: {error}"
+                ) from None
             group.add_argument(option, type=kind, default=value, help=f"{text} [{env}]")
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import logs
-from .artifacts import ArtifactError, ArtifactSet
+from .artifacts import ArtifactError, ArtifactSet, find_earlier_success
 from .cache import DownloadCache
 from .checkpoints import Checkpointer
 from .job import JobResult, run_job, write_job_script
@@ -56,14 +56,23 @@ class ExperimentRunner:
     """Receives every line of the experiment's console log (runner notes and workload output)."""
 
     def run(
-        self, request: Request, *, cancel: threading.Event | None = None, reporter: Reporter = NO_REPORTS
+        self,
+        request: Request,
+        *,
+        cancel: threading.Event | None = None,
+        reporter: Reporter = NO_REPORTS,
+        redelivered: bool = False,
     ) -> Outcome:
-        """``reporter`` receives this attempt's progress reports (response queue, spec §2.8)."""
+        """``reporter`` receives this attempt's progress reports (response queue, spec §2.8).
+
+        ``redelivered``: the message may have been taken before (a runner died holding it, or it
+        is a retry copy), so an attempt that already stored its results is looked for first.
+        """
         cancel = cancel or threading.Event()
         started = time.time()
         limit = time_limit(request, now=started)
         if limit.expired:
-            return Outcome(
+            return (redelivered and self._earlier_success(request)) or Outcome(
                 Status.EXPIRED, reason="experimentLifetime passed before the run started", key=request.key
             )
         try:
@@ -71,6 +80,10 @@ class ExperimentRunner:
         except ResourceUnavailable as error:
             return Outcome(Status.NO_CAPACITY, reason=str(error), key=request.key)
         with allocation:
+            # after the allocation, so that a request requeued for capacity does not search each time
+            earlier = self._earlier_success(request) if redelivered else None
+            if earlier is not None:
+                return earlier
             layout = ExperimentLayout.create(self.working_dir, request.key)
             attempt = _Attempt(self, request, layout, allocation, started, reporter)
             with logs.bound(experiment=request.key):
@@ -78,6 +91,27 @@ class ExperimentRunner:
                     return attempt.run(limit, cancel)
                 finally:
                     attempt.clean_up()
+
+    def _earlier_success(self, request: Request) -> Outcome | None:
+        """SUCCEEDED when an earlier attempt stored its results but died before its ack."""
+        try:
+            uri = find_earlier_success(request, self.storage)
+        except Exception as error:  # cannot tell: running it again is the side that loses nothing
+            log.warning("could not look for an earlier success of %s (%s); running it", request.key, error)
+            return None
+        if uri is None:
+            return None
+        log.info(
+            "experiment %s: an earlier attempt already stored its results (%s); acking without running it again",
+            request.key,
+            uri,
+        )
+        return Outcome(
+            Status.SUCCEEDED,
+            reason=f"an earlier attempt already stored its results ({uri})",
+            key=request.key,
+            scrape_uri=uri,
+        )
 
 
 class _Attempt:

@@ -93,7 +93,7 @@ _PYTHONVER = re.compile(r"^\d+(\.\d+){0,2}$")
 _LEVELS = {"alpha": 0, "beta": 1, "candidate": 2, "final": 3}
 
 _NAME = re.compile(r"^([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)")
-_INLINE_COMMENT = re.compile(r"(^|\s+)#.*$")
+_INLINE_COMMENT = re.compile(r"(^|(?<!\s)\s+)#.*$")  # (?<!\s): each blank run is tried once, not per blank
 _VCS = re.compile(r"^(git|hg|svn|bzr)\+", re.IGNORECASE)
 _PKG_RESOURCES = re.compile(r"^pkg[-_.]resources\b", re.IGNORECASE)
 
@@ -207,7 +207,7 @@ def _usable_line(line: str, warning: Callable[[str], None]) -> str | None:
         if _VCS.match(target):
             return _vcs_requirement(target)
         local = _local_path(target)
-        if local is not None and local.exists():
+        if local is not None and _exists(local):
             return str(local)
         warning(f"pythonenv: dropped {line!r}: an editable install of a path that is not on this runner")
         return None
@@ -217,7 +217,7 @@ def _usable_line(line: str, warning: Callable[[str], None]) -> str | None:
         )
         return None
     local = _local_path(line)
-    if local is not None and not local.exists():
+    if local is not None and not _exists(local):
         warning(
             f"pythonenv: dropped {line!r}: {local} does not exist on this runner (a local install on the client?)"
         )
@@ -242,10 +242,25 @@ def _local_path(line: str) -> Path | None:
     if at:
         target = at.group(2)
     if target.lower().startswith("file:"):
-        return Path(unquote(urlsplit(target).path))
+        try:
+            return Path(unquote(urlsplit(target).path))
+        except ValueError:  # not a URL (file://[...): a path that is not here either
+            return Path(target)
     if target.startswith(("/", "./", "../", "~")):
-        return Path(target.split(";")[0].strip()).expanduser()
+        path = Path(target.split(";")[0].strip())
+        try:
+            return path.expanduser()
+        except RuntimeError:  # ~user naming no user here
+            return path
     return None
+
+
+def _exists(path: Path) -> bool:
+    """Whether a path from a request exists; a name too long or with a NUL byte does not."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 # ---------------------------------------------------------------------------------------------

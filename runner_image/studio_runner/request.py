@@ -9,6 +9,7 @@ here with a reason a person can act on.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -28,6 +29,10 @@ from .units import parse_duration, parse_size
 
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 """Largest message body accepted; real requests are a few KiB even with a full ``pip freeze``."""
+
+MAX_NESTING = 64
+"""Deepest JSON nesting accepted. Real requests nest six levels; pydantic cannot re-encode a model
+past about 250, and ``redact`` recurses, so a deeper document is refused rather than half-usable."""
 
 MAX_KEY_LENGTH = 512
 _KEY_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f]")
@@ -110,6 +115,8 @@ class Resources(_Wire):
     @classmethod
     def _size_text(cls, value: Any) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # int() would raise OverflowError, which pydantic lets through
+                raise ValueError(f"size {value} is not a finite number")
             return str(int(value))
         return value
 
@@ -272,7 +279,8 @@ class Request(_Wire):
                 secret_access_key=env.get("AWS_SECRET_ACCESS_KEY", ""),
                 region=env.get("AWS_DEFAULT_REGION") or None,
             )
-        storage_aws = ((self.config.storage or {}).get("credentials") or {}).get("aws")
+        storage_credentials = (self.config.storage or {}).get("credentials")
+        storage_aws = storage_credentials.get("aws") if isinstance(storage_credentials, dict) else None
         if isinstance(storage_aws, dict) and (
             storage_aws.get("access_key") or storage_aws.get("secret_access_key")
         ):
@@ -338,10 +346,13 @@ def decode_request(body: bytes | str | dict[str, Any]) -> Request:
             raise RequestError(f"message is {len(body)} bytes, over the {MAX_REQUEST_BYTES} byte limit")
         try:
             document = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise RequestError(f"message body is not JSON: {error}") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as error:
+            # ValueError covers integers past Python's digit limit; RecursionError, deep nesting
+            raise RequestError(f"message body is not JSON: {str(error)[:200]}") from None
     if not isinstance(document, dict):
         raise RequestError(f"message body is a JSON {type(document).__name__}, not an object")
+    if _deeper_than(document, MAX_NESTING):
+        raise RequestError(f"message nests JSON deeper than {MAX_NESTING} levels")
     if is_envelope(document):
         raise RequestError("message is an encrypted envelope; decrypt it before decoding")
     if "experiment" not in document:
@@ -352,6 +363,18 @@ def decode_request(body: bytes | str | dict[str, Any]) -> Request:
         raise RequestError(_describe(error)) from None
     _check_runnable(request)
     return request
+
+
+def _deeper_than(document: Any, limit: int) -> bool:
+    """Whether objects and arrays nest more than ``limit`` levels; iterative, so any depth is safe."""
+    stack = [(document, 1)]
+    while stack:
+        node, level = stack.pop()
+        if level > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, level + 1) for child in children if isinstance(child, (dict, list)))
+    return False
 
 
 def is_envelope(document: Any) -> bool:
@@ -371,8 +394,12 @@ def _check_runnable(request: Request) -> None:
             continue
         try:
             artifact.location  # noqa: B018 - parsing is the check
+            request.aws_credentials(label)  # the keys its transfers will use must be well-formed
+        except ValidationError as error:
+            raise RequestError(f"artifact {label!r}: credentials: {_describe(error)}") from None
         except ValueError as error:
-            raise RequestError(f"artifact {label!r}: {error}") from None
+            # the message quotes the URI, which may carry a password
+            raise RequestError(f"artifact {label!r}: {redact(str(error))}") from None
     if artifacts and "workspace" not in artifacts:
         raise RequestError("request has artifacts but no 'workspace' artifact to run")
     if "workspace" in artifacts and not experiment.filename:
@@ -392,7 +419,10 @@ _SECRET_NAME = re.compile(
     r"(secret|password|passwd|token|api_?key|private|credential|access_key)", re.IGNORECASE
 )
 _URL_PASSWORD = re.compile(
-    r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]+)@", re.IGNORECASE
+    # anchored on "://" alone: a scheme pattern in front made every letter of a long run start a
+    # scan to the run's end (a megabyte string took hours); masking "://user:pass@" after any
+    # prefix masks at least what a scheme-checked pattern did
+    r"://(?P<user>[^:/@\s]*):(?P<password>[^@/\s]+)@"
 )
 REDACTED = "***"
 
@@ -406,5 +436,7 @@ def redact(value: Any, name: str = "") -> Any:
     if isinstance(value, str):
         if value and _SECRET_NAME.search(name):
             return REDACTED
-        return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", value)
+        return _URL_PASSWORD.sub(lambda m: f"://{m['user']}:{REDACTED}@", value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and _SECRET_NAME.search(name):
+        return REDACTED  # a PIN or numeric key is a secret too
     return value

@@ -35,6 +35,7 @@ Capacity = Callable[[str], bool]
 """``capacity(queue)``: False when the last request seen on that queue would not fit now."""
 
 _transport_kind: contextvars.ContextVar[str | None] = contextvars.ContextVar("transport_kind", default=None)
+_redelivered: contextvars.ContextVar[bool] = contextvars.ContextVar("redelivered", default=False)
 
 
 def current_transport_kind() -> str | None:
@@ -44,6 +45,12 @@ def current_transport_kind() -> str | None:
     without a wider ``Handler`` signature.
     """
     return _transport_kind.get()
+
+
+def current_delivery_redelivered() -> bool:
+    """Whether the broker flagged the message this handler thread runs as redelivered: some
+    runner took it before and never settled it (it died, or lost its connection)."""
+    return _redelivered.get()
 
 
 class RunnerState(str, enum.Enum):
@@ -460,8 +467,13 @@ class Service:
             log.debug("running a request from %s (attempt %d)", worker.queue, delivery.attempts)
             # the handler gets plain values, never the delivery: only this thread may touch that;
             # it runs in a copy of this thread's context, so its log lines and metrics keep the queue
+            flag = _redelivered.set(delivery.redelivered)
+            try:
+                context = contextvars.copy_context()
+            finally:
+                _redelivered.reset(flag)
             threading.Thread(
-                target=contextvars.copy_context().run,
+                target=context.run,
                 args=(self._run_handler, job, delivery.body, delivery.queue, delivery.attempts),
                 name=f"handler {worker.queue}",
                 daemon=True,

@@ -6,6 +6,7 @@ runner parsed them with it; sizes follow go-humanize (``"2g"``, ``"16GiB"``, ``"
 
 from __future__ import annotations
 
+import math
 import re
 
 _DURATION_UNITS = {
@@ -35,9 +36,9 @@ def parse_duration(text: str) -> float:
         raise ValueError(f"invalid duration {text!r}")
     total = 0.0
     position = 0
-    for match in _DURATION_PART.finditer(body):
-        if match.start() != position:
-            break
+    # match() at each position, never finditer(): scanning ahead for a later match made a long
+    # run of digits quadratic (a megabyte max_duration held a runner for hours)
+    while (match := _DURATION_PART.match(body, position)) is not None:
         total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
         position = match.end()
     if position != len(body):
@@ -59,7 +60,7 @@ def parse_size(text: str | int | float) -> int:
     if isinstance(text, bool):
         raise ValueError(f"invalid size {text!r}")
     if isinstance(text, (int, float)):
-        if text < 0:
+        if not math.isfinite(text) or text < 0:
             raise ValueError(f"invalid size {text!r}")
         return int(text)
     match = _SIZE.match(text)
@@ -69,7 +70,10 @@ def parse_size(text: str | int | float) -> int:
     base = 1024 if binary else 1000
     if binary and not prefix:
         raise ValueError(f"invalid size {text!r}")
-    return int(float(number) * base ** _SIZE_EXPONENT[prefix.lower()])
+    size = float(number) * base ** _SIZE_EXPONENT[prefix.lower()]
+    if not math.isfinite(size):  # hundreds of digits: int() would raise OverflowError
+        raise ValueError(f"invalid size {text!r} (too large)")
+    return int(size)
 
 
 def format_size(size: int) -> str:

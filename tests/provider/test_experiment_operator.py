@@ -231,7 +231,9 @@ def test_a_two_gpu_pod_is_valid_kubernetes_and_carries_no_secret(aws_s3: str, wo
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
     assert "emptyDir" in volumes["studio-work"]
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-    assert mounts["/dev/shm"] == "dshm" and mounts["/work"] == "studio-work" and mounts["/tmp"] == "studio-tmp"
+    assert (
+        mounts["/dev/shm"] == "dshm" and mounts["/work"] == "studio-work" and mounts["/tmp"] == "studio-tmp"
+    )
     assert mounts["/airflow/xcom"] == "xcom"
     assert any(c["name"] == "airflow-xcom-sidecar" for c in spec["containers"])
     assert pod["metadata"]["namespace"] == "ml"

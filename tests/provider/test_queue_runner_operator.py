@@ -152,7 +152,9 @@ def test_a_two_gpu_runner_pod_is_valid_kubernetes_and_carries_no_secret(connecti
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-    assert mounts["/dev/shm"] == "dshm" and mounts["/work"] == "studio-work" and mounts["/tmp"] == "studio-tmp"
+    assert (
+        mounts["/dev/shm"] == "dshm" and mounts["/work"] == "studio-work" and mounts["/tmp"] == "studio-tmp"
+    )
     assert mounts["/airflow/xcom"] == "xcom"
     assert pod["metadata"]["annotations"]["studioml/queue-match"] == "^rmq_team_a_12_.*$"
 
