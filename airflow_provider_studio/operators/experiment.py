@@ -36,7 +36,7 @@ from airflow_provider_studio.experiment_request import (
 )
 from airflow_provider_studio.hooks.message_keys import MessageKeys, MessageKeysError, StudioMessageKeysHook
 from airflow_provider_studio.links.experiment import StudioArtifactsLink
-from airflow_provider_studio.operators.local_runner import local_dirs, read_summary, runner_command
+from airflow_provider_studio.operators.local_runner import local_command, read_summary
 from airflow_provider_studio.operators.runner_pod import (  # noqa: F401  (re-exported: public names)
     DEFAULT_CREDENTIALS_SECRET,
     DEFAULT_CREDENTIALS_SECRET_KEYS,
@@ -523,27 +523,18 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
         """``studio-runner run --request -`` on this worker; the summary from its result file."""
         endpoint = self._s3_endpoint
         assert endpoint is not None, "prepare_request() sets the endpoint"
-        work_dir, cache_dir = local_dirs()
         with tempfile.TemporaryDirectory(prefix="studio-result-") as scratch:
             result_file = Path(scratch) / "summary.json"
-            command = [
-                *runner_command(),
+            command = local_command(
                 "run",
+                result_file,
                 "--request",
                 "-",
-                "--result-file",
-                str(result_file),
-                "--working-dir",
-                str(work_dir),
-                "--cache-dir",
-                str(cache_dir),
-                "--log-format",
-                "json",
                 *(["--s3-https"] if endpoint.https else []),
                 # no GPU asked for: no GPU probe (and its warning) on a CPU worker
                 *([] if request.experiment.resources_needed.cards else ["--cpu-only"]),
                 *self.runner_options,
-            ]
+            )
             self.log.info("running %s", shlex.join(command))
             env = self._local_environment(endpoint)
             stdin = (self._request_json or request.to_json()).encode()

@@ -170,6 +170,25 @@ def local_dirs() -> tuple[Path, Path]:
     )
 
 
+def local_command(subcommand: str, result_file: Path, *options: str) -> list[str]:
+    """``studio-runner <subcommand>`` for this worker: its summary to ``result_file``, the worker's
+    persistent folders, and JSON events (which :class:`LocalRunnerProcess` relays by level)."""
+    work_dir, cache_dir = local_dirs()
+    return [
+        *runner_command(),
+        subcommand,
+        "--result-file",
+        str(result_file),
+        "--working-dir",
+        str(work_dir),
+        "--cache-dir",
+        str(cache_dir),
+        "--log-format",
+        "json",
+        *options,
+    ]
+
+
 def runner_command() -> list[str]:
     """``studio-runner`` beside this interpreter (virtualenvs), on PATH, or as a module."""
     beside = Path(sys.executable).parent / "studio-runner"

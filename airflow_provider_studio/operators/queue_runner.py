@@ -29,7 +29,7 @@ from kubernetes.client import models as k8s
 from studio_runner.units import parse_duration
 
 from airflow_provider_studio.hooks.rabbitmq import StudioRabbitMQHook
-from airflow_provider_studio.operators.local_runner import local_dirs, read_summary, runner_command
+from airflow_provider_studio.operators.local_runner import local_command, read_summary
 from airflow_provider_studio.operators.runner_pod import (
     DEFAULT_CREDENTIALS_SECRET,
     LOCAL,
@@ -255,25 +255,16 @@ class StudioQueueRunnerOperator(StudioRunnerPodOperator):
     def _serve_locally(self) -> dict[str, Any]:
         """``studio-runner serve`` on this worker; its summary from the result file."""
         brokers = self._brokers_from_connections()
-        work_dir, cache_dir = local_dirs()
         with tempfile.TemporaryDirectory(prefix="studio-serve-") as scratch:
             result_file = Path(scratch) / "summary.json"
-            command = [
-                *runner_command(),
+            command = local_command(
                 "serve",
-                "--result-file",
-                str(result_file),
-                "--working-dir",
-                str(work_dir),
-                "--cache-dir",
-                str(cache_dir),
-                "--log-format",
-                "json",
+                result_file,
                 "--prom-address",
                 "off",  # several runners share a worker; runner_options may still choose a port
                 *self._serve_options(kubernetes=False),
                 *self.runner_options,
-            ]
+            )
             env = self._local_runner_environment(brokers.region)
             if brokers.amqp_password is not None:
                 env[AMQP_PASSWORD_ENV] = brokers.amqp_password
