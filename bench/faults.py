@@ -35,13 +35,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import boto3
-from botocore.config import Config
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from devtools.services import Endpoints, Ports, ServiceSet  # noqa: E402
+from devtools.services import Endpoints, private_services  # noqa: E402
 from tests.runner.conftest import RunnerProcess  # noqa: E402
 from tests.runner.test_faults import (  # noqa: E402
     FaultEnv,
@@ -92,11 +89,9 @@ def main() -> int:
     results: dict[str, list[Figures]] = defaultdict(list)
     with tempfile.TemporaryDirectory(prefix="bench-faults-") as scratch:
         root = Path(scratch)
-        services = ServiceSet(data_dir=root / "services", ports=Ports.free())
-        print("starting RabbitMQ, SeaweedFS and moto on free ports ...", flush=True)
-        endpoints = services.start()
-        try:
-            s3 = s3_client(endpoints)
+        with private_services(root / "services") as services:
+            endpoints = services.endpoints
+            s3 = endpoints.s3_client()
             launcher = Launcher(endpoints, root)
             for trial in range(options.trials):
                 for name, scenario in scenarios:
@@ -113,8 +108,6 @@ def main() -> int:
                         launcher.stop_all()
                     results[name].append(figures)
                     print(f"  {len(figures.problems)} problem(s), {figures.seconds:.1f}s", flush=True)
-        finally:
-            services.stop()
     properties = {} if options.skip_properties else run_properties(options.examples)
     return report(results, properties, options)
 
@@ -157,17 +150,6 @@ class Launcher:
     def stop_all(self) -> None:
         for runner in self.started:
             runner.stop()
-
-
-def s3_client(endpoints: Endpoints) -> Any:
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoints.s3_endpoint,
-        aws_access_key_id=endpoints.s3_access_key,
-        aws_secret_access_key=endpoints.s3_secret_key,
-        region_name=endpoints.region,
-        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3}),
-    )
 
 
 # --- property counts ---------------------------------------------------------------------------------

@@ -28,12 +28,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import boto3
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from devtools.services import Endpoints, Ports, ServiceSet  # noqa: E402
+from devtools.services import Endpoints, private_services  # noqa: E402
 from tests.broker import publish_like_client  # noqa: E402
 from tests.runner.client_requests import client_request, upload_blob, workspace_tar  # noqa: E402
 from tests.runner.results import tar_members  # noqa: E402
@@ -63,17 +61,13 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="runner-overhead-") as scratch:
         root = Path(scratch)
-        services = ServiceSet(data_dir=root / "services", ports=Ports.free())
-        print("starting RabbitMQ and SeaweedFS ...", flush=True)
-        endpoints = services.start()
-        try:
+        with private_services(root / "services") as services:
+            endpoints = services.endpoints
             rows = []
             installers = ["uv"] if options.skip_pip else ["uv", "pip"]
             for installer in installers:
                 cold, warm = scenario(endpoints, root / installer, installer, pythonenv, options.warm_runs)
                 rows.append((installer, cold, warm))
-        finally:
-            services.stop()
     report(rows, len(pythonenv))
     return 0
 
@@ -82,13 +76,7 @@ def scenario(
     endpoints: Endpoints, root: Path, installer: str, pythonenv: list[str], warm_runs: int
 ) -> tuple[Measurement, list[Measurement]]:
     """One runner with empty caches: the first experiment is cold, the following ones warm."""
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=endpoints.s3_endpoint,
-        region_name=endpoints.region,
-        aws_access_key_id=endpoints.s3_access_key,
-        aws_secret_access_key=endpoints.s3_secret_key,
-    )
+    s3 = endpoints.s3_client()
     bucket = f"bench-{uuid.uuid4().hex[:10]}"
     s3.create_bucket(Bucket=bucket)
     blob = workspace_tar({"train.py": WORKLOAD, "data.bin": os.urandom(1024 * 1024)})

@@ -16,8 +16,6 @@ import sys
 import time
 from typing import Any
 
-import boto3
-
 from .local_airflow import DEFAULT_HOME, AirflowError, LocalAirflow
 from .services import DEFAULT_DATA_DIR, REPO, ServiceError, ServiceSet, load_running
 
@@ -143,14 +141,7 @@ def _run_campaign(
 
 
 def _s3(services: ServiceSet):
-    endpoints = services.endpoints
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoints.s3_endpoint,
-        region_name=endpoints.region,
-        aws_access_key_id=endpoints.s3_access_key,
-        aws_secret_access_key=endpoints.s3_secret_key,
-    )
+    return services.endpoints.s3_client()
 
 
 def _summaries(s3, campaign: str) -> list[dict[str, Any]]:

@@ -21,9 +21,10 @@ import time
 import urllib.error
 import urllib.request
 from base64 import b64encode
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import system
 
@@ -106,6 +107,20 @@ class Endpoints:
             "STUDIO_S3_SECRET_KEY": self.s3_secret_key,
             "AWS_DEFAULT_REGION": self.region,
         }
+
+    def s3_client(self) -> Any:
+        """A boto3 S3 client for SeaweedFS (path-style, as its single host name needs)."""
+        import boto3  # only the callers that touch S3 pay for boto3's import
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.s3_endpoint,
+            aws_access_key_id=self.s3_access_key,
+            aws_secret_access_key=self.s3_secret_key,
+            region_name=self.region,
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3}),
+        )
 
 
 @dataclass
@@ -366,6 +381,19 @@ def _venv_tool(name: str, hint: str) -> str:
     if not found:
         raise ServiceError(f"{name} not found; {hint}")
     return found
+
+
+@contextlib.contextmanager
+def private_services(data_dir: Path, progress: Callable[[str], None] = print) -> Iterator[ServiceSet]:
+    """A full set of servers on free loopback ports for one benchmark, stopped when it ends, so a
+    developer's own (or the demo's) keep running undisturbed."""
+    services = ServiceSet(data_dir=data_dir, ports=Ports.free())
+    progress("starting RabbitMQ, SeaweedFS and moto on free loopback ports ...")
+    services.start()
+    try:
+        yield services
+    finally:
+        services.stop()
 
 
 def _wait_until(

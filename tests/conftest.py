@@ -14,9 +14,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import pytest
-from botocore.config import Config
 
 from devtools.services import Endpoints, Ports, ServiceSet
 
@@ -64,14 +62,7 @@ def services(service_set: ServiceSet) -> Endpoints:
 @pytest.fixture(scope="session")
 def s3_client(services: Endpoints):
     """A boto3 S3 client for checking what the code under test stored."""
-    return boto3.client(
-        "s3",
-        endpoint_url=services.s3_endpoint,
-        aws_access_key_id=services.s3_access_key,
-        aws_secret_access_key=services.s3_secret_key,
-        region_name=services.region,
-        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3}),
-    )
+    return services.s3_client()
 
 
 @pytest.fixture

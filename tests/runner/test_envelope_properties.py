@@ -21,6 +21,8 @@ from hypothesis import strategies as st
 from studio_runner.envelope import MessageKeys, hybrid_seal, open_message, ssh_fingerprint
 from studio_runner.request import Request, RequestError
 
+from tests.runner.json_documents import json_documents
+
 EXAMPLES = int(os.environ.get("STUDIO_HYPOTHESIS_EXAMPLES", "300"))
 PROPERTY = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -44,20 +46,7 @@ KEYS = MessageKeys.from_options(_FOLDER / "message", _FOLDER / "signing")
 QUEUES = st.sampled_from(["rmq_team_a", "sqs_elsewhere", "", None])
 RUNNER_KEYS = st.sampled_from([KEYS, None])
 
-scalars = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=30),
-)
-json_values = st.recursive(
-    scalars,
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
-    ),
-    max_leaves=20,
-)
+json_values = json_documents(text_size=30, key_size=12, leaves=20)
 experiment_keys = [
     "key",
     "filename",

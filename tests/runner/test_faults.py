@@ -438,6 +438,16 @@ def kill_scenario(
     return figures
 
 
+def start_gated(env: FaultEnv, queue: str, key: str) -> tuple[Runner, Path, Path]:
+    """One GATED request on ``queue`` and a runner for it; the workload creates the first path once
+    it runs and ends when the test creates the second."""
+    gate = env.scratch / f"gate-{uuid.uuid4().hex[:8]}"
+    gate.mkdir(parents=True)
+    started, release = gate / "started", gate / "release"
+    publish(env, queue, [key], GATED, str(started), str(release))
+    return env.start_runner(*runner_options(queue)), started, release
+
+
 def lost_ack_scenario(env: FaultEnv) -> Figures:
     """The broker drops the runner's connection mid-run: the attempt still stores its results, its
     ack fails, the message comes back redelivered, and that delivery is acked without a second run."""
@@ -445,11 +455,7 @@ def lost_ack_scenario(env: FaultEnv) -> Figures:
     began = time.monotonic()
     queue = unique_queue("rmq_faults_ack")
     key = f"a_{queue}"
-    gate = env.scratch / f"gate-{uuid.uuid4().hex[:8]}"
-    gate.mkdir(parents=True)
-    started, release = gate / "started", gate / "release"
-    publish(env, queue, [key], GATED, str(started), str(release))
-    runner = env.start_runner(*runner_options(queue))
+    runner, started, release = start_gated(env, queue, key)
     try:
         wait_for(started.exists, 120, "the workload to start")
         name = wait_for(lambda: _connection_holding(env, queue), 30, "the runner's connection to show")
@@ -506,11 +512,7 @@ def storage_outage_scenario(env: FaultEnv, *, outage: float = 8.0) -> Figures:
     began = time.monotonic()
     queue = unique_queue("rmq_faults_storage")
     key = f"s_{queue}"
-    gate = env.scratch / f"gate-{uuid.uuid4().hex[:8]}"
-    gate.mkdir(parents=True)
-    started, release = gate / "started", gate / "release"
-    publish(env, queue, [key], GATED, str(started), str(release))
-    runner = env.start_runner(*runner_options(queue))
+    runner, started, release = start_gated(env, queue, key)
     try:
         wait_for(started.exists, 120, "the workload to start")
         # SeaweedFS takes seconds to shut down gracefully; the outage starts when S3 stops answering

@@ -27,6 +27,8 @@ from studio_runner.limits import HARD_CAP_SECONDS, checkpoint_period, time_limit
 from studio_runner.pythonenv import groom
 from studio_runner.request import MAX_REQUEST_BYTES, REDACTED, Request, RequestError, decode_request
 
+from tests.runner.json_documents import json_documents
+
 pytestmark = pytest.mark.timeout(900)  # a decoder gone quadratic on megabyte fields hangs, not fails
 
 EXAMPLES = int(os.environ.get("STUDIO_HYPOTHESIS_EXAMPLES", "300"))
@@ -369,20 +371,7 @@ def decodes_or_refuses(body: bytes | str | dict[str, Any]) -> Request | None:
 
 
 # --- strategies -------------------------------------------------------------------------------------
-scalars = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=20),
-)
-json_values = st.recursive(
-    scalars,
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
-    ),
-    max_leaves=12,
-)
+json_values = json_documents(text_size=20, key_size=10, leaves=12)
 EXPERIMENT_KEYS = ["key", "filename", "args", "pythonver", "pythonenv", "artifacts", "resources_needed",
                    "max_duration", "time_added", "project"]  # fmt: skip
 shaped = st.fixed_dictionaries(
