@@ -247,6 +247,11 @@ class ServiceSet:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             f"-s3.localSocket={root / 's3.sock'}",
+            # Every bucket is a collection with volumes of its own; left to itself, mini allows
+            # free disk / 1 GiB volumes, which a test session's hundreds of buckets use up (then
+            # every PUT to a new bucket is an InternalError). Small, many volumes: sparse files.
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=2000",
         ]
         return self._spawn("seaweedfs", argv)
 
