@@ -41,6 +41,7 @@ services-stop:
 bench: setup
 	@$(BIN)/python bench/runner_overhead.py
 	@$(BIN)/python bench/scrape_collect.py
+	@$(BIN)/python bench/faults.py
 
 image: setup
 	@$(BIN)/python -m devtools.image build
