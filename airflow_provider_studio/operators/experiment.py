@@ -59,6 +59,7 @@ from airflow_provider_studio.operators.runner_pod import (  # noqa: F401  (re-ex
     message_key_arguments,
     message_key_mounts,
     message_key_volumes,
+    pod_arguments,
     pod_resources,
 )
 
@@ -272,21 +273,7 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
         self.studio_request: dict[str, Any] | None = None
         """The request that ran (set when the task runs; shown under Rendered Templates)."""
 
-        kwargs.setdefault(
-            "arguments",
-            [
-                "run",
-                "--result-file",
-                XCOM_RESULT_FILE,
-                "--working-dir",
-                f"{WORK_MOUNT}/work",
-                "--cache-dir",
-                f"{WORK_MOUNT}/cache",
-                "--log-format",
-                "json",
-                *runner_options,
-            ],
-        )
+        kwargs.setdefault("arguments", pod_arguments("run", *runner_options))
         super().__init__(
             resources_needed=resources_needed,
             aws_conn_id=aws_conn_id,

@@ -33,9 +33,9 @@ from airflow_provider_studio.operators.local_runner import local_command, read_s
 from airflow_provider_studio.operators.runner_pod import (
     DEFAULT_CREDENTIALS_SECRET,
     LOCAL,
-    WORK_MOUNT,
     XCOM_RESULT_FILE,
     StudioRunnerPodOperator,
+    pod_arguments,
 )
 
 QUEUE_BACKENDS = ("rmq", "sqs")
@@ -284,18 +284,12 @@ class StudioQueueRunnerOperator(StudioRunnerPodOperator):
 
     def runner_arguments(self) -> list[str]:
         """The pod's ``studio-runner`` arguments, from the rendered settings and the connections."""
-        return [
+        return pod_arguments(
             "serve",
-            *(["--result-file", XCOM_RESULT_FILE] if self.do_xcom_push else []),
-            "--working-dir",
-            f"{WORK_MOUNT}/work",
-            "--cache-dir",
-            f"{WORK_MOUNT}/cache",
-            "--log-format",
-            "json",
             *self._serve_options(kubernetes=True),
             *self.runner_options,
-        ]
+            result_file=XCOM_RESULT_FILE if self.do_xcom_push else None,
+        )
 
     def _serve_options(self, *, kubernetes: bool) -> list[str]:
         """What to serve and when to stop, checked; bad settings fail the task without retries."""

@@ -59,6 +59,23 @@ DEFAULT_CREDENTIALS_SECRET_KEYS: Mapping[str, str] = {
 }
 """Pod environment variable → key in the Secret."""
 
+
+def pod_arguments(subcommand: str, *options: str, result_file: str | None = XCOM_RESULT_FILE) -> list[str]:
+    """``studio-runner <subcommand>`` in a runner pod: the summary where KPO's xcom sidecar reads
+    it (None: no summary), folders on the work volume, and JSON events for the pod log."""
+    return [
+        subcommand,
+        *(["--result-file", result_file] if result_file else []),
+        "--working-dir",
+        f"{WORK_MOUNT}/work",
+        "--cache-dir",
+        f"{WORK_MOUNT}/cache",
+        "--log-format",
+        "json",
+        *options,
+    ]
+
+
 _DERIVABLE_POD_FIELDS = ("container_resources", "node_selector", "tolerations", "arguments")
 
 
