@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
 
-from .request import MAX_REQUEST_BYTES, Request, RequestError, decode_request, is_envelope
+from .request import Request, RequestError, decode_request, is_envelope, parse_message
 
 log = logging.getLogger(__name__)
 
@@ -482,7 +482,7 @@ def open_message(
     a signature from any trusted signer. A runner with a decryption key refuses clear text unless
     ``clear_text_allowed``; a runner without one refuses envelopes.
     """
-    document = _parse(body)
+    document = parse_message(body)
     if not is_envelope(document):
         if keys is not None and keys.decrypts and not clear_text_allowed:
             raise EnvelopeError(
@@ -516,18 +516,6 @@ def open_message(
     if is_envelope(inner):
         raise EnvelopeError("malformed_payload", "the decrypted request is itself an envelope")
     return decode_request(inner)
-
-
-def _parse(body: bytes | str) -> Any:
-    if len(body) > MAX_REQUEST_BYTES:
-        raise RequestError(f"message is {len(body)} bytes, over the {MAX_REQUEST_BYTES} byte limit")
-    try:
-        document = json.loads(body)
-    except (UnicodeDecodeError, ValueError, RecursionError) as error:
-        raise RequestError(f"message body is not JSON: {str(error)[:200]}") from None
-    if not isinstance(document, dict):
-        raise RequestError(f"message body is a JSON {type(document).__name__}, not an object")
-    return document
 
 
 def _verify(message: dict[str, Any], payload: str, queue: str | None, keys: MessageKeys) -> SigningKey:

@@ -337,20 +337,25 @@ def _optional_duration(text: str | None) -> float | None:
     return seconds if seconds > 0 else None
 
 
-def decode_request(body: bytes | str | dict[str, Any]) -> Request:
-    """A clear-text request from a message body, or RequestError saying what is wrong."""
+def parse_message(body: bytes | str | dict[str, Any]) -> dict[str, Any]:
+    """A message body as a JSON object (clear request or envelope), or RequestError saying why not."""
     if isinstance(body, dict):
-        document: Any = body
-    else:
-        if len(body) > MAX_REQUEST_BYTES:
-            raise RequestError(f"message is {len(body)} bytes, over the {MAX_REQUEST_BYTES} byte limit")
-        try:
-            document = json.loads(body)
-        except (UnicodeDecodeError, ValueError, RecursionError) as error:
-            # ValueError covers integers past Python's digit limit; RecursionError, deep nesting
-            raise RequestError(f"message body is not JSON: {str(error)[:200]}") from None
+        return body
+    if len(body) > MAX_REQUEST_BYTES:
+        raise RequestError(f"message is {len(body)} bytes, over the {MAX_REQUEST_BYTES} byte limit")
+    try:
+        document = json.loads(body)
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        # ValueError covers integers past Python's digit limit; RecursionError, deep nesting
+        raise RequestError(f"message body is not JSON: {str(error)[:200]}") from None
     if not isinstance(document, dict):
         raise RequestError(f"message body is a JSON {type(document).__name__}, not an object")
+    return document
+
+
+def decode_request(body: bytes | str | dict[str, Any]) -> Request:
+    """A clear-text request from a message body, or RequestError saying what is wrong."""
+    document = parse_message(body)
     if _deeper_than(document, MAX_NESTING):
         raise RequestError(f"message nests JSON deeper than {MAX_NESTING} levels")
     if is_envelope(document):
