@@ -439,16 +439,9 @@ def test_an_invalid_request_verdict_is_not_retried(
 
 
 def test_deferrable_mode_defers_to_the_kpo_trigger(
-    aws_s3: str, workspace: Path, monkeypatch: pytest.MonkeyPatch, no_cluster: None
+    aws_s3: str, workspace: Path, pending_pods: list[k8s.V1Pod], no_cluster: None
 ) -> None:
-    created: list[k8s.V1Pod] = []
-
-    def get_or_create_pod(self, pod_request_obj, context):
-        created.append(pod_request_obj)
-        pod_request_obj.status = k8s.V1PodStatus(phase="Pending")
-        return pod_request_obj
-
-    monkeypatch.setattr(KubernetesPodOperator, "get_or_create_pod", get_or_create_pod)
+    created = pending_pods
     op = gpu_operator(workspace, aws_s3, deferrable=True)
     context = runtime_context(op)
     context["ti"] = ti = RecordingTI("enn_generation", "evaluate")

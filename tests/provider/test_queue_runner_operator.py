@@ -263,20 +263,13 @@ def test_runners_map_over_a_computed_list() -> None:
 
 
 def test_a_deferrable_runner_pod_waits_in_the_triggerer_and_returns_the_runner_summary(
-    connections: None, monkeypatch: pytest.MonkeyPatch
+    connections: None, monkeypatch: pytest.MonkeyPatch, pending_pods: list[k8s.V1Pod]
 ) -> None:
     monkeypatch.setattr(
         "airflow.providers.cncf.kubernetes.hooks.kubernetes.KubernetesHook._get_default_client",
         lambda *args, **kwargs: object(),
     )
-    created: list[k8s.V1Pod] = []
-
-    def get_or_create_pod(self, pod_request_obj, context):
-        created.append(pod_request_obj)
-        pod_request_obj.status = k8s.V1PodStatus(phase="Pending")
-        return pod_request_obj
-
-    monkeypatch.setattr(KubernetesPodOperator, "get_or_create_pod", get_or_create_pod)
+    created = pending_pods
     op = queue_runner(deferrable=True)
     context = runtime_context(op)
     context["ti"] = RecordingTI("studio_queue_capacity", "drain")
