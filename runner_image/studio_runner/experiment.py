@@ -20,15 +20,17 @@ from . import logs
 from .artifacts import ArtifactError, ArtifactSet, find_earlier_success
 from .cache import DownloadCache
 from .checkpoints import Checkpointer
+from .interpreters import PythonEnvError
 from .job import JobResult, run_job, write_job_script
 from .jobenv import job_environment, job_script_exports
 from .layout import ExperimentLayout
 from .limits import TimeLimit, checkpoint_period, time_limit
 from .metadata import RunnerFacts, accession_id, scrape_file_name, write_scrape_file
 from .outcome import Outcome, Status
-from .pythonenv import PythonEnvError, VirtualenvCache, groom
+from .pythonenv import VirtualenvCache
 from .reports import NO_REPORTS, Reporter
 from .request import Request
+from .requirements import groom
 from .resources import Allocation, ResourcePool, ResourceUnavailable
 from .storage import Storage
 
@@ -205,8 +207,11 @@ class _Attempt:
         except ArtifactError as error:
             return (Status.INVALID if error.permanent else Status.INFRASTRUCTURE), str(error), None
         except PythonEnvError as error:
+            # one rule (PythonEnvError.permanent): what no runner can install is refused and
+            # dead-lettered; an unreachable index or a broken build is retried
             self.note(f"python environment failed: {error}")
-            return Status.INFRASTRUCTURE, f"python environment failed: {error}", None
+            status = Status.INVALID if error.permanent else Status.INFRASTRUCTURE
+            return status, f"python environment failed: {error}", None
         return _ending(result, limit)
 
     def _checkpoint(self) -> None:
