@@ -390,6 +390,7 @@ def _serve(args: argparse.Namespace) -> int:
             watcher.close()
         if health is not None:
             health.close()
+    runner.finish_late_refreshes(timeout=args.grace_period)
     for transport in transports:
         transport.close()
     log.info("stopped (%s): %s", summary.ended_by, summary.statuses)

@@ -20,15 +20,17 @@ from . import logs
 from .artifacts import ArtifactError, ArtifactSet, find_earlier_success
 from .cache import DownloadCache
 from .checkpoints import Checkpointer
+from .interpreters import PythonEnvError
 from .job import JobResult, run_job, write_job_script
 from .jobenv import job_environment, job_script_exports
 from .layout import ExperimentLayout
 from .limits import TimeLimit, checkpoint_period, time_limit
 from .metadata import RunnerFacts, accession_id, scrape_file_name, write_scrape_file
 from .outcome import Outcome, Status
-from .pythonenv import PythonEnvError, VirtualenvCache, groom
+from .pythonenv import VirtualenvCache
 from .reports import NO_REPORTS, Reporter
 from .request import Request
+from .requirements import groom
 from .resources import Allocation, ResourcePool, ResourceUnavailable
 from .storage import Storage
 
@@ -54,6 +56,11 @@ class ExperimentRunner:
     record their submit time late (see STUDIOML_CLIENT.md); None to skip (``run`` mode)."""
     on_line: Callable[[str], None] | None = None
     """Receives every line of the experiment's console log (runner notes and workload output)."""
+    late_refreshes: LateRefreshes = field(default_factory=lambda: LateRefreshes(), repr=False)
+
+    def finish_late_refreshes(self, timeout: float) -> None:
+        """Before the process exits: run the pending ``retval`` refreshes, waiting at most ``timeout``."""
+        self.late_refreshes.finish(timeout)
 
     def run(
         self,
@@ -205,8 +212,11 @@ class _Attempt:
         except ArtifactError as error:
             return (Status.INVALID if error.permanent else Status.INFRASTRUCTURE), str(error), None
         except PythonEnvError as error:
+            # one rule (PythonEnvError.permanent): what no runner can install is refused and
+            # dead-lettered; an unreachable index or a broken build is retried
             self.note(f"python environment failed: {error}")
-            return Status.INFRASTRUCTURE, f"python environment failed: {error}", None
+            status = Status.INVALID if error.permanent else Status.INFRASTRUCTURE
+            return status, f"python environment failed: {error}", None
         return _ending(result, limit)
 
     def _checkpoint(self) -> None:
@@ -280,10 +290,66 @@ class _Attempt:
             finally:
                 self.layout.remove()
 
-        # threads start with an empty context: carry the experiment and queue into the timer's log lines
-        timer = threading.Timer(delay, contextvars.copy_context().run, args=(refresh_then_remove,))
-        timer.daemon = True
-        timer.start()
+        self.runner.late_refreshes.schedule(delay, refresh_then_remove, name=f"retval {self.request.key}")
+
+
+class LateRefreshes:
+    """The ``retval`` refreshes due a few seconds after their attempts, each on its own thread.
+
+    The threads are daemons so that nothing can hold a stopping runner for ever; ``finish``
+    is what keeps them from being lost when ``serve`` exits right after a task.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: set[_LateRefresh] = set()
+
+    def schedule(self, delay: float, action: Callable[[], None], *, name: str) -> None:
+        # threads start with an empty context: carry the experiment and queue into its log lines
+        refresh = _LateRefresh(time.monotonic() + delay, contextvars.copy_context(), action, self._done)
+        with self._lock:
+            self._pending.add(refresh)
+        threading.Thread(target=refresh.run, name=name, daemon=True).start()
+
+    def finish(self, timeout: float) -> None:
+        """Run every pending refresh: at its due time when that comes within ``timeout``, else now."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._lock:
+            pending = list(self._pending)
+        if pending:
+            log.info("waiting up to %.0fs for %d late retval refresh(es)", timeout, len(pending))
+        for refresh in pending:
+            if refresh.due > deadline:
+                refresh.hurry.set()
+            refresh.finished.wait(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            left = len(self._pending)
+        if left:
+            log.warning(
+                "%d late retval refresh(es) did not finish within %.0fs; exiting without them", left, timeout
+            )
+
+    def _done(self, refresh: _LateRefresh) -> None:
+        with self._lock:
+            self._pending.discard(refresh)
+
+
+@dataclass(eq=False)
+class _LateRefresh:
+    due: float
+    context: contextvars.Context
+    action: Callable[[], None]
+    done: Callable[[_LateRefresh], None]
+    hurry: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        try:
+            self.hurry.wait(max(0.0, self.due - time.monotonic()))
+            self.context.run(self.action)
+        finally:
+            self.done(self)
+            self.finished.set()
 
 
 def _ending(result: JobResult, limit: TimeLimit) -> tuple[Status, str, int | None]:

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -86,21 +87,48 @@ def _base62_value(text: str) -> int | None:
     return value
 
 
-MICROSECONDS_FROM = 10**12
-"""Suffixes this large count microseconds (ours); smaller ones count seconds (upstream's)."""
+ATTEMPT_SEPARATOR = "_"
+"""Joins the host name and this process's attempt tag; RFC 952/1123 host names never contain it."""
+
+_attempts_lock = threading.Lock()
+_attempts_second = -1
+_attempts_in_second = 0
 
 
-def accession_id(host: str, started_at: float) -> str:
-    """``<host>-<base62 start time>``: names an attempt in scrape files and reports (spec §4.9).
+def accession_id(host: str, started_at: float, *, tag: str | None = None) -> str:
+    """``<host>-<base62 whole seconds>``: names an attempt in scrape files and reports (spec §4.9).
 
-    Upstream encoded whole seconds, so two attempts starting in the same second on one host
-    (several queues served at once, parallel local runs on an Airflow worker) wrote the same
-    scrape file and one overwrote the other. We encode microseconds: the format and the
-    chronological sort per host are unchanged, and ``parse_scrape_file_name`` reads both units.
+    The suffix is the start time in whole seconds, as §5.1 says, so tools that decode it read a
+    date. Upstream's host part was the bare host name, so two attempts starting in the same
+    second on one host (parallel ``run`` processes on an Airflow worker, a runner serving several
+    queues) wrote one scrape file and one overwrote the other. The host part therefore carries
+    ``tag`` (by default ``attempt_tag``: this process's id, plus an ordinal within the second)
+    after ``_``; a decoder that splits at the last dash still reads host part and time.
     """
     if not host or "/" in host:
         raise ValueError(f"host {host!r} cannot name a scrape file (empty or contains '/')")
-    return f"{host}-{base62(int(started_at * 1_000_000))}"
+    seconds = int(started_at)
+    if tag is None:
+        tag = attempt_tag(seconds)
+    if "/" in tag or "-" in tag:
+        raise ValueError(f"attempt tag {tag!r} cannot name a scrape file (contains '/' or '-')")
+    return f"{host}{ATTEMPT_SEPARATOR}{tag}-{base62(seconds)}" if tag else f"{host}-{base62(seconds)}"
+
+
+def attempt_tag(second: int) -> str:
+    """``<pid>`` for this process's first attempt in ``second``, ``<pid>.<n>`` for its n-th.
+
+    Process ids tell processes on one host apart; the ordinal tells apart attempts one process
+    starts in the same second (one per queue served).
+    """
+    global _attempts_second, _attempts_in_second
+    with _attempts_lock:
+        if second == _attempts_second:
+            _attempts_in_second += 1
+        else:
+            _attempts_second, _attempts_in_second = second, 1
+        ordinal = _attempts_in_second
+    return str(os.getpid()) if ordinal == 1 else f"{os.getpid()}.{ordinal}"
 
 
 def scrape_file_name(accession: str) -> str:
@@ -110,12 +138,17 @@ def scrape_file_name(accession: str) -> str:
     return f"{SCRAPE_FILE_PREFIX}{accession}{SCRAPE_FILE_SUFFIX}"
 
 
+_OLD_MICROSECOND_NAMES = 10**12
+"""Suffixes this large were written in microseconds by earlier versions of this runner."""
+
+
 def parse_scrape_file_name(name: str) -> tuple[str, float] | None:
     """(host, start time in seconds) from a scrape file name or an S3 key ending in one, else None.
 
-    Hosts may contain dashes; the base62 suffix is after the last one. The Airflow side uses the
-    start time to pick the latest attempt of an experiment, so upstream's whole-second names and
-    our microsecond names compare correctly.
+    Hosts may contain dashes; the base62 suffix is after the last one. The host part is returned
+    as written (with our ``_<tag>``). Earlier versions of this runner encoded microseconds; such
+    suffixes (values of 10**12 and more, far past any date in seconds) are still read as such so
+    that the Airflow side's "latest attempt" keeps comparing old files correctly.
     """
     base = name.rsplit("/", 1)[-1]
     if not (base.startswith(SCRAPE_FILE_PREFIX) and base.endswith(SCRAPE_FILE_SUFFIX)):
@@ -127,7 +160,7 @@ def parse_scrape_file_name(name: str) -> tuple[str, float] | None:
     value = _base62_value(suffix)
     if value is None:
         return None
-    return host, value / 1_000_000 if value >= MICROSECONDS_FROM else float(value)
+    return host, value / 1_000_000 if value >= _OLD_MICROSECOND_NAMES else float(value)
 
 
 # --- timestamps ------------------------------------------------------------------------------

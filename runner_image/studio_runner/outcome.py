@@ -5,8 +5,10 @@ forever and an expired request cycled until every runner refused it. Here each e
 to one disposition: success is acked; conditions another attempt can fix (runner shutting
 down, resources busy, storage briefly gone) requeue without counting; workload failures
 retry a bounded number of times; everything else is dead-lettered with its reason.
-Storage and environment trouble counts as a workload failure: a missing workspace or an
-uninstallable package looks the same as a brief outage from here, and bounded retries serve both.
+Storage and environment trouble that may pass is retried the same bounded way (a store or a
+package index out of reach); what cannot work anywhere is INVALID at once: an artifact that
+cannot exist, or a virtualenv whose requirement the index says it does not have
+(``PythonEnvError.permanent``, decided from the installer's output in ``pythonenv``).
 """
 
 from __future__ import annotations
@@ -23,10 +25,8 @@ class Status(str, enum.Enum):
     FAILED = "failed"  # the workload exited non-zero
     TIMED_OUT = "timed_out"  # max_duration reached; the process group was killed
     EXPIRED = "expired"  # experimentLifetime passed before or during the run
-    INVALID = (
-        "invalid"  # not a runnable request (decode, artifacts that cannot exist, venv that cannot build)
-    )
-    INFRASTRUCTURE = "infrastructure_error"  # storage or environment trouble another attempt may not have
+    INVALID = "invalid"  # runnable nowhere: undecodable, impossible artifacts, unresolvable requirements
+    INFRASTRUCTURE = "infrastructure_error"  # storage, index or build trouble another attempt may not have
     INTERRUPTED = "interrupted"  # the runner was told to stop; someone else should take it
     NO_CAPACITY = "no_capacity"  # the request does not fit this runner's free resources now
 

@@ -1,4 +1,4 @@
-"""Python interpreters and the shared virtualenv cache the workloads run in.
+"""The shared virtualenv cache the workloads run in.
 
 A StudioML request carries the client's whole ``pip freeze``; installing it for every attempt
 costs tens of seconds, so environments are built once per (interpreter, groomed requirements)
@@ -24,18 +24,19 @@ import importlib.util
 import json
 import logging
 import os
-import platform
 import re
 import shutil
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+
+from .interpreters import Interpreter, PythonEnvError, find_interpreter, plain_env
+from .requirements import local_path
 
 logger = logging.getLogger(__name__)
 
@@ -81,35 +82,6 @@ _PIP_ENV_REDIRECTS = frozenset({"PIP_TARGET", "PIP_PREFIX", "PIP_ROOT", "PIP_USE
 """Settings that would install somewhere other than the environment being built."""
 _PROXY_NAMES = frozenset({"http_proxy", "https_proxy", "no_proxy", "all_proxy"})
 
-_PROBE = (
-    "import sys, json, platform\n"
-    "base = getattr(sys, 'base_prefix', getattr(sys, 'real_prefix', sys.prefix))\n"
-    "print(json.dumps({'executable': sys.executable, 'version': platform.python_version(),"
-    " 'info': list(sys.version_info[:5]),"
-    " 'venv': sys.prefix != base or hasattr(sys, 'real_prefix')}))\n"
-)
-_PATH_PYTHON = re.compile(r"^python(\d+)\.(\d+)$")
-_PYTHONVER = re.compile(r"^\d+(\.\d+){0,2}$")
-_LEVELS = {"alpha": 0, "beta": 1, "candidate": 2, "final": 3}
-
-_NAME = re.compile(r"^([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)")
-_INLINE_COMMENT = re.compile(r"(^|(?<!\s)\s+)#.*$")  # (?<!\s): each blank run is tried once, not per blank
-_VCS = re.compile(r"^(git|hg|svn|bzr)\+", re.IGNORECASE)
-_PKG_RESOURCES = re.compile(r"^pkg[-_.]resources\b", re.IGNORECASE)
-
-
-class PythonEnvError(RuntimeError):
-    """No usable interpreter, or the requested environment could not be built."""
-
-
-@dataclass(frozen=True)
-class Interpreter:
-    """A Python to build environments from; ``warning`` is set when it is a stand-in."""
-
-    path: Path
-    version: str
-    warning: str = ""
-
 
 @dataclass(frozen=True)
 class Virtualenv:
@@ -121,338 +93,6 @@ class Virtualenv:
     built: bool
     seconds: float
     warnings: tuple[str, ...] = field(default_factory=tuple)
-
-
-# ---------------------------------------------------------------------------------------------
-# Grooming
-
-
-def project_name(line: str) -> str | None:
-    """The normalized (PEP 503) project a requirement line names, if it names one up front."""
-    match = _NAME.match(line.strip())
-    if not match:
-        return None
-    return re.sub(r"[-_.]+", "-", match.group(1)).lower()
-
-
-def groom(
-    pythonenv: Sequence[str],
-    pip: Sequence[str],
-    *,
-    workspace: Path | None = None,
-    gpu: bool = False,
-    warn: Callable[[str], None] | None = None,
-) -> list[str]:
-    """The requirement lines to install for a request, in install order.
-
-    Rules (RUNNER_PROTOCOL §4.5, adapted): blank, comment and ``pkg-resources`` lines go;
-    ``studioml`` stays (the CompletionService client script imports ``studio``) unless the
-    workspace ships ``dist/studioml-*.tar.gz``, whose lexicographically last file replaces it.
-    ``config.pip`` lines come after ``pythonenv`` and replace a ``pythonenv`` line naming the
-    same project, which keeps upstream's "pip overrides the freeze" order in one pip run.
-
-    Lines that cannot work here are dropped with a warning (passed to ``warn`` and logged):
-    local paths and ``name @ file://`` URLs that do not exist on this machine (a client's own
-    editable installs) and pip option lines (``-i``, ``-r``, ``--extra-index-url``...): the
-    runner's pip configuration alone decides where packages come from and which files pip reads.
-    ``-e``/``--editable`` is removed from VCS and existing local lines, which are installed
-    normally (``-e git+URL#egg=NAME`` becomes ``NAME @ git+URL``): the environment is shared
-    and cached, so it must not track a checkout; a freeze pins the commit, so the code
-    installed is the same.
-
-    ``gpu`` is accepted for callers that know about the allocation, but upstream's rewriting of
-    ``tensorflow`` to ``tensorflow_gpu`` is deliberately not done: ``tensorflow-gpu`` is gone
-    from PyPI and current ``tensorflow`` wheels carry GPU support themselves.
-    """
-    del gpu  # see the docstring: no tensorflow_gpu rewriting any more
-
-    def warning(text: str) -> None:
-        logger.warning("%s", text)
-        if warn is not None:
-            warn(text)
-
-    def clean(lines: Iterable[str]) -> list[str]:
-        kept = []
-        for raw in lines:
-            line = _INLINE_COMMENT.sub("", str(raw)).strip()
-            if not line or _PKG_RESOURCES.match(line):
-                continue
-            line = _usable_line(line, warning)
-            if line:
-                kept.append(line)
-        return kept
-
-    env_lines = clean(pythonenv)
-    pip_lines = clean(pip)
-    overridden = {project_name(line) for line in pip_lines} - {None}
-    env_lines = [line for line in env_lines if project_name(line) not in overridden]
-    lines = env_lines + pip_lines
-
-    studio = [i for i, line in enumerate(lines) if project_name(line) == "studioml"]
-    tarballs = sorted(str(p) for p in (workspace / "dist").glob("studioml-*.tar.gz")) if workspace else []
-    if tarballs:
-        for i in reversed(studio):
-            del lines[i]
-        lines.insert(studio[0] if studio else len(env_lines), tarballs[-1])
-    elif len(studio) > 1:
-        for i in reversed(studio[:-1]):
-            del lines[i]
-    return lines
-
-
-def _usable_line(line: str, warning: Callable[[str], None]) -> str | None:
-    editable = re.match(r"^(-e|--editable)(\s+|=)(.+)$", line)
-    if editable:
-        target = editable.group(3).strip()
-        if _VCS.match(target):
-            return _vcs_requirement(target)
-        local = _local_path(target)
-        if local is not None and _exists(local):
-            return str(local)
-        warning(f"pythonenv: dropped {line!r}: an editable install of a path that is not on this runner")
-        return None
-    if line.startswith("-"):
-        warning(
-            f"pythonenv: dropped {line!r}: pip options in a request are ignored, the runner's pip configuration applies"
-        )
-        return None
-    local = _local_path(line)
-    if local is not None and not _exists(local):
-        warning(
-            f"pythonenv: dropped {line!r}: {local} does not exist on this runner (a local install on the client?)"
-        )
-        return None
-    return line
-
-
-def _vcs_requirement(url: str) -> str:
-    """``git+URL#egg=NAME`` as the PEP 508 ``NAME @ git+URL`` that current pip expects."""
-    base, _, fragment = url.partition("#")
-    params = [p for p in fragment.split("&") if p]
-    egg = next((p.split("=", 1)[1] for p in params if p.startswith("egg=")), "")
-    rest = [p for p in params if not p.startswith("egg=")]
-    target = base + ("#" + "&".join(rest) if rest else "")
-    return f"{egg} @ {target}" if egg else url
-
-
-def _local_path(line: str) -> Path | None:
-    """The file a requirement points at, for ``/path``, ``./path``, ``file://`` and ``name @ file://``."""
-    target = line
-    at = re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[^\]]*\])?\s*@\s*(\S+)", line)
-    if at:
-        target = at.group(2)
-    if target.lower().startswith("file:"):
-        try:
-            return Path(unquote(urlsplit(target).path))
-        except ValueError:  # not a URL (file://[...): a path that is not here either
-            return Path(target)
-    if target.startswith(("/", "./", "../", "~")):
-        path = Path(target.split(";")[0].strip())
-        try:
-            return path.expanduser()
-        except RuntimeError:  # ~user naming no user here
-            return path
-    return None
-
-
-def _exists(path: Path) -> bool:
-    """Whether a path from a request exists; a name too long or with a NUL byte does not."""
-    try:
-        return path.exists()
-    except (OSError, ValueError):
-        return False
-
-
-# ---------------------------------------------------------------------------------------------
-# Interpreters
-
-
-@dataclass(frozen=True)
-class _Found:
-    path: Path
-    real: str
-    version: str
-    order: tuple
-
-
-_probe_cache: dict[tuple, _Found | None] = {}
-_probe_lock = threading.Lock()
-
-
-def find_interpreter(
-    pythonver: str,
-    *,
-    search_path: str | None = None,
-    pyenv_root: Path | None = None,
-) -> Interpreter:
-    """The newest installed Python whose version starts with ``pythonver`` (by components).
-
-    ``"3.11"`` matches 3.11.7 but not 3.1; ``"3"`` the newest 3.x. Candidates are ``python3.X``
-    files on ``PATH`` (shim folders such as pyenv's ``shims`` are skipped: their answer depends
-    on the caller's environment), ``$PYENV_ROOT/versions/*/bin/python`` and the runner's own
-    interpreter; virtualenvs are never candidates. An empty ``pythonver`` is the runner's own.
-    With no match but the runner's major version, the runner's interpreter is returned with a
-    ``warning``; a major version nobody here has is refused. Each executable is asked its
-    version once per process, so repeated calls run no subprocess.
-    """
-    wanted = pythonver.strip()
-    if wanted.lower().startswith("python"):
-        wanted = wanted[len("python") :]
-    own = _runner_interpreter()
-    if not wanted:
-        return own
-    if not _PYTHONVER.match(wanted):
-        raise PythonEnvError(f"pythonver {pythonver!r} is not a Python version such as '3.11' or '3.11.7'")
-    parts = wanted.split(".")
-    candidates = _candidates(search_path, pyenv_root)
-    matching = [c for c in candidates if c.version.split(".")[: len(parts)] == parts]
-    if matching:
-        best = max(matching, key=lambda c: c.order)
-        return Interpreter(path=best.path, version=best.version)
-    installed = ", ".join(sorted({c.version for c in candidates}, key=_version_order)) or own.version
-    if parts[0] == own.version.split(".")[0]:
-        return Interpreter(
-            path=own.path,
-            version=own.version,
-            warning=(
-                f"Python {wanted} was requested but is not installed on this runner "
-                f"(installed: {installed}); running with Python {own.version} instead"
-            ),
-        )
-    raise PythonEnvError(
-        f"Python {wanted} was requested but this runner has no Python {parts[0]} "
-        f"(installed: {installed}); send the request with a pythonver of an installed "
-        "version or route it to a runner image that has that Python"
-    )
-
-
-def _version_order(version: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else 0 for p in re.split(r"[.a-z]+", version) if p)
-
-
-def _runner_interpreter() -> Interpreter:
-    """The interpreter the runner runs on, outside any virtualenv the runner itself lives in."""
-    base = getattr(sys, "_base_executable", "") or sys.executable
-    if sys.prefix != sys.base_prefix and base == sys.executable:
-        major, minor = sys.version_info[:2]
-        for name in (f"python{major}.{minor}", f"python{major}", "python"):
-            candidate = Path(sys.base_prefix) / "bin" / name
-            if candidate.exists():
-                base = str(candidate)
-                break
-    return Interpreter(path=Path(base), version=platform.python_version())
-
-
-def _candidates(search_path: str | None, pyenv_root: Path | None) -> list[_Found]:
-    paths: list[Path] = []
-    folders = (search_path if search_path is not None else os.environ.get("PATH", "")).split(os.pathsep)
-    for folder in dict.fromkeys(folders):
-        if folder and os.path.basename(folder.rstrip("/")) != "shims":
-            paths.extend(Path(folder, name) for name in _listing(folder, _is_path_python))
-    root = (
-        pyenv_root if pyenv_root is not None else Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv")
-    )
-    versions = root / "versions"
-    paths.extend(versions / name / "bin" / "python" for name in _listing(str(versions), _is_real_dir))
-    own = _runner_interpreter()
-    own_found = _Found(
-        own.path, os.path.realpath(own.path), own.version, _info_order(list(sys.version_info[:5]))
-    )
-    found: dict[str, _Found] = {own_found.real: own_found}
-    for path in paths:
-        probed = _probe(path)
-        if probed is not None and probed.real not in found:
-            found[probed.real] = probed
-    return list(found.values())
-
-
-_listing_cache: dict[tuple[str, str], tuple[int, list[str]]] = {}
-
-
-def _listing(folder: str, wanted: Callable[[os.DirEntry], bool]) -> list[str]:
-    """Names in ``folder`` that ``wanted`` accepts, rescanned only when the folder changes."""
-    try:
-        changed = os.stat(folder).st_mtime_ns
-    except OSError:
-        return []
-    token = (folder, wanted.__name__)
-    cached = _listing_cache.get(token)
-    if cached is not None and cached[0] == changed:
-        return cached[1]
-    try:
-        names = sorted(e.name for e in os.scandir(folder) if wanted(e))
-    except OSError:
-        return []
-    _listing_cache[token] = (changed, names)
-    return names
-
-
-def _is_path_python(entry: os.DirEntry) -> bool:
-    return _PATH_PYTHON.match(entry.name) is not None
-
-
-def _is_real_dir(entry: os.DirEntry) -> bool:
-    """pyenv-virtualenv lists its environments in ``versions/`` as symlinks: not interpreters."""
-    return entry.is_dir(follow_symlinks=False)
-
-
-def _info_order(info: list) -> tuple:
-    major, minor, micro, level, serial = ([*list(info), 0, 0, 0, "final", 0])[:5]
-    return (int(major), int(minor), int(micro), _LEVELS.get(str(level), 3), int(serial))
-
-
-def _probe(path: Path) -> _Found | None:
-    """Version of one executable, asked once per (file, size, mtime) for the process's life."""
-    try:
-        real = os.path.realpath(path)
-        stat = os.stat(real)
-    except OSError:
-        return None
-    if not os.access(real, os.X_OK):
-        return None
-    token = (real, stat.st_ino, stat.st_size, stat.st_mtime_ns)
-    with _probe_lock:
-        if token in _probe_cache:
-            cached = _probe_cache[token]
-            return None if cached is None else _Found(path, cached.real, cached.version, cached.order)
-    result: _Found | None = None
-    try:
-        completed = subprocess.run(
-            [str(path), "-c", _PROBE],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            env=_plain_env(os.environ),
-            stdin=subprocess.DEVNULL,
-        )
-        if completed.returncode == 0:
-            answer = json.loads(completed.stdout.strip().splitlines()[-1])
-            if not answer["venv"]:
-                result = _Found(path, real, str(answer["version"]), _info_order(answer["info"]))
-        else:
-            logger.debug("%s does not run: %s", path, completed.stderr.strip()[-300:])
-    except (OSError, subprocess.SubprocessError, ValueError, KeyError, IndexError) as error:
-        logger.debug("cannot ask %s for its version: %s", path, error)
-    with _probe_lock:
-        _probe_cache[token] = result
-    return result
-
-
-def _plain_env(env: Mapping[str, str]) -> dict[str, str]:
-    """An environment in which a Python sees only its own installation."""
-    dropped = {
-        "PYTHONPATH",
-        "PYTHONHOME",
-        "PYTHONSTARTUP",
-        "PYTHONUSERBASE",
-        "VIRTUAL_ENV",
-        "__PYVENV_LAUNCHER__",
-    }
-    return {k: v for k, v in env.items() if k not in dropped}
-
-
-# ---------------------------------------------------------------------------------------------
-# The cache
 
 
 class VirtualenvCache:
@@ -630,7 +270,8 @@ class VirtualenvCache:
         if version < (3, 3):
             raise PythonEnvError(
                 f"Python {interpreter.version} ({interpreter.path}) has no venv module; "
-                "this runner builds environments for Python 3 only"
+                "this runner builds environments for Python 3 only",
+                permanent=True,
             )
         runner_pip = self.uv is not None or _runner_pip_supports(version)
         env = self._pip_env()
@@ -646,12 +287,19 @@ class VirtualenvCache:
             python = building / "bin" / "python"
             (building / REQUIREMENTS).write_text("".join(f"{line}\n" for line in requirements))
             if requirements:
-                self._run(
-                    self._install_command(python, building / REQUIREMENTS, runner_pip),
-                    env,
-                    log,
-                    what=f"{'uv pip' if self.uv else 'pip'} install for Python {interpreter.version}",
-                )
+                # pip reports an index it could not reach at debug level only: keep its debug log
+                pip_log = None if self.uv else self.root / f".{key}.pip-debug.log"
+                try:
+                    self._run(
+                        self._install_command(python, building / REQUIREMENTS, runner_pip, pip_log),
+                        env,
+                        log,
+                        what=f"{'uv pip' if self.uv else 'pip'} install for Python {interpreter.version}",
+                        debug_log=pip_log,
+                    )
+                finally:
+                    if pip_log is not None:
+                        pip_log.unlink(missing_ok=True)
             _relocate(building, final)
             manifest = {
                 "format": CACHE_FORMAT,
@@ -668,7 +316,9 @@ class VirtualenvCache:
             shutil.rmtree(building, ignore_errors=True)
             raise
 
-    def _install_command(self, python: Path, requirements: Path, runner_pip: bool) -> list[str]:
+    def _install_command(
+        self, python: Path, requirements: Path, runner_pip: bool, debug_log: Path | None = None
+    ) -> list[str]:
         if self.uv is not None:
             return [
                 str(self.uv),
@@ -692,6 +342,7 @@ class VirtualenvCache:
             "--no-input",
             "--progress-bar",
             "off",
+            *(["--log", str(debug_log)] if debug_log is not None else []),
             "-r",
             str(requirements),
         ]
@@ -699,7 +350,7 @@ class VirtualenvCache:
     def _pip_env(self) -> dict[str, str]:
         env = {
             name: value
-            for name, value in _plain_env(os.environ).items()
+            for name, value in plain_env(os.environ).items()
             if name in _PIP_ENV_NAMES
             or name.startswith(_PIP_ENV_PREFIXES)
             or name.lower() in _PROXY_NAMES
@@ -711,9 +362,21 @@ class VirtualenvCache:
         env.setdefault("PATH", os.defpath)
         return env
 
-    def _run(self, command: list[str], env: dict[str, str], log: Callable[[str], None], *, what: str) -> None:
+    def _run(
+        self,
+        command: list[str],
+        env: dict[str, str],
+        log: Callable[[str], None],
+        *,
+        what: str,
+        debug_log: Path | None = None,
+    ) -> None:
+        """Run one build step; a failure raises ``PythonEnvError``, permanent when the index
+        answered that a requirement does not exist (``install_trouble`` on its output and
+        ``debug_log``)."""
         log("$ " + " ".join(command))
         tail: collections.deque[str] = collections.deque(maxlen=25)
+        signs: set[str] = set()
         try:
             process = subprocess.Popen(
                 command,
@@ -742,6 +405,7 @@ class VirtualenvCache:
             for line in process.stdout:
                 line = line.rstrip("\n")
                 tail.append(line)
+                signs.update(install_trouble(line))
                 log(line)
             code = process.wait()
         except BaseException:
@@ -751,13 +415,72 @@ class VirtualenvCache:
         finally:
             timer.cancel()
         if code != 0:
-            reason = (
-                f"ran past {self.build_timeout:.0f} s" if expired.is_set() else f"exited with status {code}"
-            )
+            if debug_log is not None:
+                with suppress(OSError), open(debug_log, encoding="utf-8", errors="replace") as lines:
+                    for line in lines:
+                        signs.update(install_trouble(line))
+            if expired.is_set():
+                reason, permanent = f"ran past {self.build_timeout:.0f} s; nothing was cached", False
+            elif UNREACHABLE in signs:
+                reason, permanent = (
+                    f"exited with status {code}: a package index could not be reached; nothing was cached "
+                    "and another attempt will try again",
+                    False,
+                )
+            elif UNRESOLVABLE in signs:
+                reason, permanent = (
+                    f"exited with status {code}: a requirement cannot be resolved (no such package or "
+                    "version, or conflicting pins); nothing was cached. Fix or remove the failing requirement",
+                    True,
+                )
+            else:
+                reason, permanent = f"exited with status {code}; nothing was cached", False
             raise PythonEnvError(
-                f"{what} {reason}; nothing was cached. Fix or remove the failing requirement. "
-                "Last lines of its output:\n" + "\n".join(tail)
+                f"{what} {reason}. Last lines of its output:\n" + "\n".join(tail), permanent=permanent
             )
+
+
+UNREACHABLE = "unreachable"
+UNRESOLVABLE = "unresolvable"
+_INSTALLER_SIGNS = (
+    # pip (urllib3 underneath; its debug log says "connection error:") and uv (reqwest) on a
+    # refused, timed-out, unknown-host or failing index. pip then also says "No matching
+    # distribution", so this sign wins. An index's 404 ("not here") is not among them.
+    (
+        UNREACHABLE,
+        re.compile(
+            r"Retrying \(Retry\(|NewConnectionError|ConnectTimeoutError|ReadTimeoutError|Max retries exceeded"
+            r"|Connection (refused|reset|aborted)|timed out|Temporary failure in name resolution"
+            r"|Name or service not known|Network is unreachable|No route to host|ProxyError"
+            r"|connection error:|problem confirming the ssl certificate"
+            r"|Failed to fetch|error sending request|tcp connect error|dns error"
+            r"|Request failed after \d+ retries|too many 5\d\d error responses|server error",
+            re.IGNORECASE,
+        ),
+    ),
+    # the index answered, and the requirement is not there (or the pins contradict each other)
+    (
+        UNRESOLVABLE,
+        re.compile(
+            r"No matching distribution found for|Could not find a version that satisfies"
+            r"|ResolutionImpossible|conflicting dependencies|Invalid requirement"
+            r"|No solution found when resolving|not found in the package registry"
+            r"|requirements are unsatisfiable",
+            re.IGNORECASE,
+        ),
+    ),
+)
+
+
+def install_trouble(line: str) -> set[str]:
+    """What one line of pip's or uv's output says went wrong: ``UNREACHABLE``, ``UNRESOLVABLE``.
+
+    Both installers exit 1 whether the package is missing or the index is down, so the verdict
+    comes from their messages. One rule for both: any sign of an unreachable index means the
+    attempt is retried (a missing package cannot be told from a missing index then); only an
+    index that answered "not here" makes the request invalid.
+    """
+    return {sign for sign, pattern in _INSTALLER_SIGNS if pattern.search(line)}
 
 
 def _runner_pip_supports(version: tuple[int, ...]) -> bool:
@@ -794,7 +517,7 @@ def _relocate(building: Path, final: Path) -> None:
 
 def _key_part(requirement: str) -> str:
     """Local files are keyed by content so a per-attempt workspace path does not split the cache."""
-    local = _local_path(requirement)
+    local = local_path(requirement)
     if local is not None and local.is_file():
         digest = hashlib.sha256()
         with open(local, "rb") as handle:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from airflow.sdk.exceptions import AirflowException
-from studio_runner.metadata import RunnerFacts, accession_id, scrape, scrape_file_name
+from studio_runner.metadata import RunnerFacts, accession_id, base62, scrape, scrape_file_name
 
 from airflow_provider_studio.operators.metadata import MetadataScrapeOperator
 from airflow_provider_studio.scrape_collection import (
@@ -48,8 +48,13 @@ def scrape_bytes(
     status: str = "succeeded",
     exit_code: int = 0,
     extra: dict[str, Any] | None = None,
+    tag: str | None = "1",
 ) -> tuple[str, bytes]:
-    """(object key, body) of one attempt's scrape file, as the runner writes it."""
+    """(object key, body) of one attempt's scrape file, as the runner writes it.
+
+    ``tag`` is the runner process's part of the name (its pid), so one (host, start) names one
+    attempt that can be written again; None numbers attempts as a runner process does.
+    """
     facts = RunnerFacts(
         host=host,
         key=key,
@@ -70,7 +75,7 @@ def scrape_bytes(
     if extra:
         lines.append(json.dumps(extra))
     document = scrape(lines, before=facts.before(), after=facts.after())
-    name = "metadata/" + scrape_file_name(accession_id(host, start))
+    name = "metadata/" + scrape_file_name(accession_id(host, start, tag=tag))
     return name, (json.dumps(document, sort_keys=True) + "\n").encode()
 
 
@@ -193,6 +198,34 @@ def test_by_keys_picks_the_latest_attempt_across_hosts(s3_client, bucket: str, a
         "experiment.fitness",
         "error",
     ]
+
+
+def test_attempts_on_one_host_in_one_second_are_all_kept_and_the_later_wins(
+    s3_client, bucket: str, aws_conn: str
+) -> None:
+    """Names carry whole seconds (spec §5.1); the host part tells same-second attempts apart."""
+    # the later attempt is named first, so the name order alone would pick the wrong one
+    later = put_attempt(
+        s3_client, bucket, "gen4-a", host="gpu-node-1", start=T0 + 20.75, fitness=0.2, tag=None
+    )
+    earlier = put_attempt(
+        s3_client,
+        bucket,
+        "gen4-a",
+        host="gpu-node-1",
+        start=T0 + 20.25,
+        fitness=0.1,
+        status="failed",
+        tag=None,
+    )
+    assert later != earlier
+    for uri in (later, earlier):
+        host_part, _, suffix = uri.rsplit("/", 1)[1][: -len(".json")].rpartition("-")
+        assert suffix == base62(T0 + 20)  # decodes to the start second
+        assert host_part.startswith("scrape-host-gpu-node-1_")
+
+    [row] = execute(operator(experiments=["gen4-a"], bucket=bucket))
+    assert (row["attempts"], row["scrape_uri"], row["experiment.fitness"]) == (2, later, 0.2)
 
 
 def test_keys_over_several_listing_pages(s3_client, bucket: str, aws_conn: str) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,23 +91,64 @@ def test_base62_refuses_negative_and_non_integers() -> None:
 
 def test_base62_names_sort_chronologically_for_one_host() -> None:
     seconds = [1_500_000_000, 1_500_000_061, 1_718_031_122, 1_900_000_000]
-    names = [scrape_file_name(accession_id("h", s)) for s in seconds]
+    names = [scrape_file_name(accession_id("h", s, tag="7")) for s in seconds]
     assert names == sorted(names)
 
 
-def test_accession_id_encodes_microseconds_so_attempts_in_one_second_differ() -> None:
-    assert accession_id("runner-7d9f", 1718031122.25) == f"runner-7d9f-{base62(1718031122250000)}"
-    assert accession_id("h", 1718031122.1) != accession_id("h", 1718031122.2)
+def test_the_suffix_is_the_start_time_in_whole_seconds_as_the_spec_says() -> None:
+    """§5.1's own example: a decoder of the suffix reads the start second, not microseconds."""
+    assert accession_id("runner-7d9f", 1718031122.0, tag="") == "runner-7d9f-1sGgNO"
+    name = scrape_file_name(accession_id("runner-7d9f", 1718031122.9))
+    suffix = name[: -len(".json")].rpartition("-")[2]
+    assert suffix == "1sGgNO" and base62(1718031122) == suffix
+    host, seconds = parse_scrape_file_name(name)
+    assert seconds == 1718031122.0 and host.startswith("runner-7d9f_")
+
+
+def test_attempts_in_one_second_on_one_host_get_distinct_names() -> None:
+    """Same host, same second: this process's attempts and another process's all differ."""
+    second = 1718031122
+    here = [accession_id("runner-7d9f", second + f / 10) for f in range(5)]
+    assert len(set(here)) == 5
+    program = (
+        f"from studio_runner.metadata import accession_id\nprint(accession_id('runner-7d9f', {second}.5))\n"
+    )
+    other = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True)
+    there = other.stdout.strip()
+    assert there not in here
+    names = [scrape_file_name(a) for a in [*here, there]]
+    decoded = [parse_scrape_file_name(n) for n in names]
+    assert {seconds for _host, seconds in decoded} == {float(second)}  # one second, decoded as seconds
+    assert len({host for host, _seconds in decoded}) == 6  # told apart by the host part
+    assert all(host.startswith("runner-7d9f_") for host, _seconds in decoded)
+
+
+def test_a_later_second_sorts_later_for_the_same_host_part() -> None:
+    earlier = scrape_file_name(accession_id("h", 1718031122.99, tag="42"))
+    later = scrape_file_name(accession_id("h", 1718031123.0, tag="42"))
+    assert earlier < later
+    assert parse_scrape_file_name(earlier)[1] < parse_scrape_file_name(later)[1]
 
 
 def test_upstream_whole_second_names_still_parse() -> None:
     assert parse_scrape_file_name("scrape-host-runner-7d9f-1sGgNO.json") == ("runner-7d9f", 1718031122.0)
 
 
+def test_names_from_earlier_microsecond_versions_still_parse() -> None:
+    name = f"scrape-host-runner-7d9f-{base62(1718031122250000)}.json"
+    assert parse_scrape_file_name(name) == ("runner-7d9f", 1718031122.25)
+
+
 @pytest.mark.parametrize("host", ["", "a/b"])
 def test_accession_id_refuses_hosts_that_cannot_name_a_file(host: str) -> None:
     with pytest.raises(ValueError):
         accession_id(host, 1)
+
+
+@pytest.mark.parametrize("tag", ["a-b", "a/b"])
+def test_accession_id_refuses_tags_that_would_move_the_suffix(tag: str) -> None:
+    with pytest.raises(ValueError):
+        accession_id("h", 1, tag=tag)
 
 
 def test_scrape_file_name_matches_the_spec_example() -> None:
@@ -115,10 +158,11 @@ def test_scrape_file_name_matches_the_spec_example() -> None:
 @pytest.mark.parametrize("host", ["awsdev", "runner-7d9f", "studioml-go-runner-23ef-c9cb-k6nkk", "a-"])
 @pytest.mark.parametrize("seconds", [1500000000.0, 1718031122.5, 1900000000.123456])
 def test_scrape_file_name_round_trips_with_dashed_hosts(host: str, seconds: float) -> None:
-    name = scrape_file_name(accession_id(host, seconds))
-    assert parse_scrape_file_name(name) == (host, seconds)
-    assert parse_scrape_file_name(f"metadata/{name}") == (host, seconds)
-    assert parse_scrape_file_name(f"s3://minio:9000/bucket/metadata/{name}") == (host, seconds)
+    name = scrape_file_name(accession_id(host, seconds, tag="31"))
+    expected = (f"{host}_31", float(int(seconds)))
+    assert parse_scrape_file_name(name) == expected
+    assert parse_scrape_file_name(f"metadata/{name}") == expected
+    assert parse_scrape_file_name(f"s3://minio:9000/bucket/metadata/{name}") == expected
 
 
 @pytest.mark.parametrize(

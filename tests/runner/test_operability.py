@@ -322,6 +322,8 @@ EXPERIMENT_LOGGERS = (
     "studio_runner.archive",
     "studio_runner.job",
     "studio_runner.pythonenv",
+    "studio_runner.requirements",
+    "studio_runner.interpreters",
     "studio_runner.storage",
     "studio_runner.metadata",
     "studio_runner.cache",

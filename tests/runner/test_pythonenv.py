@@ -15,15 +15,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from studio_runner.pythonenv import (
-    LAST_USED,
-    MANIFEST,
-    PythonEnvError,
-    VirtualenvCache,
-    find_interpreter,
-    groom,
-)
+from studio_runner.interpreters import PythonEnvError, find_interpreter
+from studio_runner.pythonenv import LAST_USED, MANIFEST, VirtualenvCache
 from studio_runner.request import decode_request
+from studio_runner.requirements import groom
 
 # messages captured from the real studioml client
 EXAMPLES = Path(__file__).resolve().parents[1] / "data"

@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 from studio_runner.limits import HARD_CAP_SECONDS, checkpoint_period, time_limit
-from studio_runner.pythonenv import groom
 from studio_runner.request import MAX_REQUEST_BYTES, REDACTED, Request, RequestError, decode_request
+from studio_runner.requirements import groom
 
 from tests.runner.json_documents import json_documents
 
