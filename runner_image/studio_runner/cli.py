@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from . import logs
 from .amqp_urls import with_password
 from .cache import DownloadCache
-from .envelope import MessageKeys, open_message
+from .envelope import RunnerKeyring, open_message
 from .experiment import ExperimentRunner
 from .gpus import inventory, parse_slot_overrides, visible_devices_from_env
 from .jobenv import hide_runner_process
@@ -221,10 +221,10 @@ def _print_line(line: str) -> None:
     sys.stdout.flush()
 
 
-def _message_keys(args: argparse.Namespace) -> MessageKeys | None:
+def _message_keys(args: argparse.Namespace) -> RunnerKeyring | None:
     """The key folders given, checked once at start so a broken setup fails before taking work."""
     try:
-        keys = MessageKeys.from_options(
+        keys = RunnerKeyring.from_options(
             args.encrypt_dir, args.request_signatures_dir, getattr(args, "response_signatures_dir", None)
         )
     except ValueError as error:
@@ -414,7 +414,7 @@ def _with_password(amqp_url: str, password: str) -> str:
         raise _UsageError(f"--amqp-password: {error}") from None
 
 
-def _response_queues(transports: list[Any], keys: MessageKeys | None) -> ResponseQueues | None:
+def _response_queues(transports: list[Any], keys: RunnerKeyring | None) -> ResponseQueues | None:
     """Reports go to ``<queue>_response`` on the RabbitMQ broker, when response keys are given (spec §2.8)."""
     from .reports import ResponseQueues
 

@@ -757,7 +757,7 @@ def keys_conn(sealing_keys, monkeypatch: pytest.MonkeyPatch) -> str:
 def test_a_sealed_request_pod_carries_only_the_envelope_and_mounts_the_runner_keys(
     aws_s3: str, workspace: Path, keys_conn: str, sealing_keys, tmp_path: Path
 ) -> None:
-    from studio_runner.envelope import MessageKeys, open_message
+    from studio_runner.envelope import RunnerKeyring, open_message
     from studio_runner.request import is_envelope
 
     from tests.security.keys import openssh_private, pem_body_lines, write_signers
@@ -775,7 +775,7 @@ def test_a_sealed_request_pod_carries_only_the_envelope_and_mounts_the_runner_ke
     container = base_container(pod)
     envelope = json.loads({e["name"]: e for e in container["env"]}["REQUEST_JSON"]["value"])
     assert is_envelope(envelope)
-    runner_keys = MessageKeys(
+    runner_keys = RunnerKeyring(
         runner_key.write_encrypt_dir(tmp_path / "encrypt"), write_signers(tmp_path / "signers", {"x": signer})
     )
     request = open_message(json.dumps(envelope), None, runner_keys, clear_text_allowed=False)

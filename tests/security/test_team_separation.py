@@ -254,10 +254,10 @@ def test_teams_cannot_read_each_others_queues_work_or_workspaces(
 
 def json_key(body: bytes, team: Team) -> str:
     """The experiment key inside a dead letter this team's runner can open, or "?" if it cannot."""
-    from studio_runner.envelope import MessageKeys, open_message
+    from studio_runner.envelope import RunnerKeyring, open_message
     from studio_runner.request import RequestError
 
-    keys = MessageKeys(team.root / "encryption", team.root / "request-signers")
+    keys = RunnerKeyring(team.root / "encryption", team.root / "request-signers")
     try:
         return open_message(body, team.queue, keys, clear_text_allowed=False).key
     except RequestError:
