@@ -6,7 +6,6 @@ import threading
 import time
 from pathlib import Path
 
-import boto3
 import pytest
 from studio_runner.queues.sqs import (
     ATTEMPTS_ATTRIBUTE,
@@ -20,25 +19,7 @@ from studio_runner.service import QueueMatcher
 
 from devtools.services import Endpoints
 from tests.broker import unique_queue
-
-
-def credential_set(certs: Path, name: str, region: str) -> None:
-    folder = certs / name
-    folder.mkdir(parents=True)
-    (folder / "credentials").write_text(
-        "[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n"
-    )
-    (folder / "config").write_text(f"[default]\nregion = {region}\n")
-
-
-def sqs_client(services: Endpoints, region: str | None = None):
-    return boto3.client(
-        "sqs",
-        endpoint_url=services.sqs_endpoint,
-        region_name=region or services.region,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+from tests.sqs_queues import credential_set, sqs_client
 
 
 @pytest.fixture
