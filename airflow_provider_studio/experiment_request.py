@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from studio_runner.request import Artifact, Config, Experiment, Request, Resources, decode_request
-from studio_runner.units import format_duration, parse_duration
+from studio_runner.s3_uris import parse_s3_uri, qualified_s3_uri
+from studio_runner.units import format_duration, is_seconds_number, parse_seconds
 
 if TYPE_CHECKING:
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
@@ -135,7 +136,7 @@ class S3Endpoint:
         return self.url or f"https://{self.host}"
 
     def qualified(self, bucket: str, key: str) -> str:
-        return f"s3://{self.host}/{bucket}/{key}"
+        return qualified_s3_uri(self.host, bucket, key)
 
 
 # --- what the experimenter gives -------------------------------------------------------------
@@ -251,26 +252,15 @@ def _duration(value: str | float | timedelta | None, what: str) -> str | None:
     """A Go duration the runner parses, or None; refused here rather than silently ignored there."""
     if value is None or value == "":
         return None
-    if isinstance(value, timedelta):
-        value = value.total_seconds()
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value <= 0:
-            raise ValueError(f"{what} must be positive, not {value}")
-        return format_duration(value)
-    text = str(value).strip()
     try:
-        seconds: float | None = float(text)
-    except ValueError:
-        seconds = None  # not a number of seconds: a Go duration
-    if seconds is not None:
-        return _duration(seconds, what)
-    try:
-        seconds = parse_duration(text)
+        seconds = parse_seconds(value)
     except ValueError as error:
         raise ValueError(f"{what}: {error}") from None
     if seconds <= 0:
-        raise ValueError(f"{what} must be positive, not {text!r}")
-    return text
+        raise ValueError(f"{what} must be positive, not {value!r}")
+    if isinstance(value, str) and not is_seconds_number(value):
+        return value.strip()  # a Go duration travels as it was written
+    return format_duration(seconds)
 
 
 # --- packing ---------------------------------------------------------------------------------
@@ -470,11 +460,10 @@ class RequestBuilder:
 
     def _reference(self, label: str, uri: str, *, unpack: bool | None) -> Artifact:
         """An object already in the store, named Airflow's way (``s3://bucket/key``)."""
-        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-
-        bucket, key = S3Hook.parse_s3_url(uri)
-        if not bucket or not key:
-            raise ValueError(f"{label}: {uri!r} is not an s3://bucket/key URI")
+        try:
+            bucket, key = parse_s3_uri(uri)
+        except ValueError as error:
+            raise ValueError(f"{label}: {error}") from None
         if not self.hook.check_for_key(key, bucket_name=bucket):
             raise ValueError(f"{label}: {uri} does not exist in {self.endpoint.browse_url}")
         if unpack is None:

@@ -27,6 +27,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from studio_runner.metadata import SCRAPE_FILE_PREFIX, parse_scrape_file_name
 from studio_runner.outcome import Status
+from studio_runner.s3_uris import S3_SCHEMES, parse_qualified_s3_uri, parse_s3_uri, s3_uri
 
 logger = logging.getLogger(__name__)
 
@@ -61,21 +62,6 @@ _MAX_HINTS = 8
 # --- S3 addresses ----------------------------------------------------------------------------
 
 
-def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """(bucket, key) of ``s3://bucket/key``; ValueError saying what is wrong otherwise."""
-    if not isinstance(uri, str):
-        raise ValueError(f"expected an s3://bucket/key URI, got {type(uri).__name__} {uri!r}")
-    parts = urlsplit(uri)
-    if parts.scheme.lower() not in ("s3", "s3a", "s3n") or not parts.netloc:
-        raise ValueError(f"{uri!r} is not an s3://bucket/key URI")
-    key = parts.path.lstrip("/")
-    if parts.query:
-        key = f"{key}?{parts.query}"
-    if not key:
-        raise ValueError(f"{uri!r} names a bucket but no object")
-    return parts.netloc, key
-
-
 def bucket_name(bucket: str) -> str:
     """Accept ``name``, ``s3://name`` or ``s3://name/``; the metadata folder is at the root."""
     text = bucket.strip()
@@ -90,10 +76,6 @@ def bucket_name(bucket: str) -> str:
     if not text or "/" in text:
         raise ValueError(f"bucket {bucket!r} is not a bucket name")
     return text
-
-
-def s3_uri(bucket: str, key: str) -> str:
-    return f"s3://{bucket}/{key}"
 
 
 def scrape_location(uri: str) -> str:
@@ -113,7 +95,7 @@ def scrape_location(uri: str) -> str:
         if not parts.path or parts.path.endswith("/"):
             raise ValueError(f"{uri!r} names no file")
         return f"file://{parts.path}"
-    if scheme not in ("s3", "s3a", "s3n") or not parts.netloc:
+    if scheme not in S3_SCHEMES or not parts.netloc:
         raise ValueError(f"{uri!r} is not an s3:// or file:// URI")
     segments = parts.path.lstrip("/").split("/")
     if len(segments) == 2 and segments[0] + "/" == METADATA_FOLDER:
@@ -129,9 +111,10 @@ def scrape_location(uri: str) -> str:
             or host.replace(".", "").isdigit()
         )
     if qualified:
-        if len(segments) < 2 or not segments[0] or not segments[-1]:
+        _, _, bucket, key = parse_qualified_s3_uri(uri, schemes=S3_SCHEMES)
+        if not bucket or not key:
             raise ValueError(f"{uri!r} has an endpoint host but no bucket and key after it")
-        return s3_uri(segments[0], "/".join(segments[1:]))
+        return s3_uri(bucket, key)
     bucket, key = parse_s3_uri(uri)
     return s3_uri(bucket, key)
 

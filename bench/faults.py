@@ -4,8 +4,8 @@ messages, and how many generated inputs the request decoder and the scrape merge
     .venv/bin/python bench/faults.py [--kills 20] [--requests 20] [--runners 2] [--trials 1]
                                      [--outage 8] [--examples 2000] [--skip-properties] [--seed N]
 
-The scenarios are the functions in ``tests/runner/test_faults.py`` (the tests assert the same
-properties in CI), run here on a RabbitMQ and SeaweedFS of the bench's own (free loopback ports,
+The scenarios are the functions in ``tests/runner/fault_scenarios.py`` (test_faults.py asserts
+the same properties in CI), run here on a RabbitMQ and SeaweedFS of the bench's own (free loopback ports,
 stopped at the end) with real ``studio-runner serve`` processes. The property counts come from
 running the hypothesis suites in-process with ``STUDIO_HYPOTHESIS_EXAMPLES`` set to ``--examples``
 and reading hypothesis's own statistics (passing + failing test cases over every phase).
@@ -39,8 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from devtools.services import Endpoints, private_services  # noqa: E402
-from tests.runner.conftest import RunnerProcess  # noqa: E402
-from tests.runner.test_faults import (  # noqa: E402
+from tests.runner.fault_scenarios import (  # noqa: E402
     FaultEnv,
     Figures,
     broker_restart_scenario,
@@ -49,6 +48,7 @@ from tests.runner.test_faults import (  # noqa: E402
     poison_scenario,
     storage_outage_scenario,
 )
+from tests.runner.processes import RunnerProcess  # noqa: E402
 
 PROPERTY_TARGETS = {
     "request decoder (decode_request)": "tests/runner/test_request_properties.py",

@@ -20,6 +20,9 @@ from devtools.services import Endpoints, Ports, ServiceSet
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+pytest_plugins = ("tests.fixtures_runner",)
+"""The real StudioML client and ``studio-runner serve`` fixtures, for every test folder."""
+
 # Airflow reads its configuration when first imported, so the private AIRFLOW_HOME (SQLite in a
 # temporary folder, the example DAGs as the dags folder) must be in place before any test module
 # imports it. Subprocesses (`airflow dags test`, `studio-runner`) inherit the same settings.

@@ -54,8 +54,9 @@ class MessageKeysError(ValueError):
 
 
 @dataclass(frozen=True)
-class MessageKeys:
-    """The keys of one ``studio_message_keys`` connection, parsed and checked."""
+class RequestSealingKeys:
+    """What seals requests for a runner (its RSA public key, our Ed25519 signing key), and for a local
+    runner its private key: one ``studio_message_keys`` connection, parsed and checked."""
 
     conn_id: str
     runner_public_key: RSAPublicKey = field(repr=False)
@@ -125,7 +126,7 @@ class StudioMessageKeysHook(BaseHook):
         super().__init__(**kwargs)
         self.message_keys_conn_id = message_keys_conn_id
 
-    def get_keys(self) -> MessageKeys:
+    def get_keys(self) -> RequestSealingKeys:
         """The connection's keys, each checked, or MessageKeysError naming the field to fix."""
         conn_id = self.message_keys_conn_id
         extra = self.get_connection(conn_id).extra_dejson
@@ -155,4 +156,4 @@ class StudioMessageKeysHook(BaseHook):
                 load_rsa_private_key(private_key, passphrase)
             except ValueError as error:
                 raise MessageKeysError(f"connection {conn_id!r}: runner_private_key: {error}") from None
-        return MessageKeys(conn_id, public_key, signing_key, private_key, passphrase)
+        return RequestSealingKeys(conn_id, public_key, signing_key, private_key, passphrase)

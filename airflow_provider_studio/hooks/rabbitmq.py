@@ -18,7 +18,7 @@ import ssl
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import aio_pika
 import aiormq.exceptions
@@ -27,6 +27,14 @@ import pika
 import pika.exceptions
 from airflow.sdk import BaseHook
 from pika.adapters.blocking_connection import BlockingChannel
+from studio_runner.amqp_urls import (
+    DEFAULT_PORT,
+    DEFAULT_TLS_PORT,
+    amqp_url,
+    host_port,
+    management_api_url,
+    without_userinfo,
+)
 
 from airflow_provider_studio.exceptions import (
     BrokerAuthError,
@@ -40,10 +48,6 @@ if logging.getLogger("pika").level == logging.NOTSET:
     # pika narrates every connection at INFO; keep task logs to what matters unless a user chose otherwise.
     logging.getLogger("pika").setLevel(logging.WARNING)
 
-DEFAULT_PORT = 5672
-DEFAULT_TLS_PORT = 5671
-MANAGEMENT_PORT_OFFSET = 10000
-"""Upstream derives the management API from the AMQP port: 5672 -> 15672 (runner spec §2.2)."""
 DEFAULT_TIMEOUT = 10.0
 
 
@@ -84,7 +88,7 @@ class BrokerSettings:
         password = conn.password if conn.password is not None else ("guest" if not conn.login else "")
         management_url = str(extra.get("management_url") or "").strip().rstrip("/")
         if not management_url:
-            management_url = _derived_management_url(conn.host, port, use_ssl)
+            management_url = management_api_url(conn.host, port, secure=use_ssl)
         return cls(
             conn_id=conn.conn_id,
             host=conn.host,
@@ -98,13 +102,13 @@ class BrokerSettings:
 
     @property
     def address(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return host_port(self.host, self.port)
 
-    def amqp_url(self) -> str:
-        """The URL a StudioML client or runner is configured with (``AMQP_URL``); it holds the password."""
-        userinfo = f"{quote(self.login, safe='')}:{quote(self.password, safe='')}"
-        return f"{'amqps' if self.ssl else 'amqp'}://{userinfo}@{self.address}/{quote(self.vhost, safe='')}"
+    def amqp_url(self, *, include_password: bool = True) -> str:
+        """The URL a StudioML client or runner is configured with (``AMQP_URL``); with the password
+        unless told otherwise (a runner pod gets that from a Secret)."""
+        password = self.password if include_password else None
+        return amqp_url(self.host, self.port, self.vhost, self.login, password, secure=self.ssl)
 
     def pika_parameters(self, purpose: str, timeout: float) -> pika.ConnectionParameters:
         return pika.ConnectionParameters(
@@ -173,7 +177,7 @@ class StudioRabbitMQHook(BaseHook):
     @property
     def management_url(self) -> str:
         """The management API the runners discover queues through (``AMQP_MGT_URL``), without credentials."""
-        return _without_userinfo(self.settings().management_url)
+        return without_userinfo(self.settings().management_url)
 
     # --- sync side (pika) ------------------------------------------------------------------
     def get_conn(self) -> pika.BlockingConnection:
@@ -226,7 +230,7 @@ class StudioRabbitMQHook(BaseHook):
         reached = (
             f"Connected to RabbitMQ at {settings.address}, vhost '{settings.vhost}', as '{settings.login}'"
         )
-        management = _without_userinfo(settings.management_url)
+        management = without_userinfo(settings.management_url)
         try:
             version = _management_version(settings, self.timeout)
         except Exception as error:
@@ -397,19 +401,6 @@ def _as_bool(value: Any) -> bool:
     return bool(value)
 
 
-def _derived_management_url(host: str, port: int, secure: bool) -> str:
-    host = f"[{host}]" if ":" in host else host
-    return f"{'https' if secure else 'http'}://{host}:{port + MANAGEMENT_PORT_OFFSET}"
-
-
-def _without_userinfo(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.username is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
 def _management_version(settings: BrokerSettings, timeout: float) -> str:
     """RabbitMQ's version from ``/api/overview``; credentials in the URL win over the connection's."""
     parts = urlsplit(settings.management_url)
@@ -417,7 +408,7 @@ def _management_version(settings: BrokerSettings, timeout: float) -> str:
     if parts.username is not None:
         auth = (parts.username, parts.password or "")
     response = httpx.get(
-        _without_userinfo(settings.management_url) + "/api/overview", auth=auth, timeout=timeout
+        without_userinfo(settings.management_url) + "/api/overview", auth=auth, timeout=timeout
     )
     if response.status_code in (401, 403):
         raise BrokerAuthError(

@@ -34,7 +34,11 @@ from airflow_provider_studio.experiment_request import (
     default_experiment_key,
     results_prefix,
 )
-from airflow_provider_studio.hooks.message_keys import MessageKeys, MessageKeysError, StudioMessageKeysHook
+from airflow_provider_studio.hooks.message_keys import (
+    MessageKeysError,
+    RequestSealingKeys,
+    StudioMessageKeysHook,
+)
 from airflow_provider_studio.links.experiment import StudioArtifactsLink
 from airflow_provider_studio.operators.local_runner import local_command, read_summary
 from airflow_provider_studio.operators.runner_pod import (  # noqa: F401  (re-exported: public names)
@@ -294,7 +298,7 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
         self.message_keys_conn_id = message_keys_conn_id
         self.runner_key_secret = runner_key_secret
         self.request_signers_secret = request_signers_secret
-        self._message_keys: MessageKeys | None = None
+        self._message_keys: RequestSealingKeys | None = None
         self._request_json: str | None = None
         """What the runner is given: the request's JSON, or its sealed envelope."""
 
@@ -496,7 +500,7 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
             # the Secret's 0440 files belong to this group, as in deploy/
             self.security_context = k8s.V1PodSecurityContext(fs_group=RUNNER_GID)
 
-    def _keys(self) -> MessageKeys:
+    def _keys(self) -> RequestSealingKeys:
         if self._message_keys is None:
             try:
                 self._message_keys = StudioMessageKeysHook(self.message_keys_conn_id).get_keys()

@@ -15,6 +15,7 @@ from typing import Any
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowException
+from studio_runner.s3_uris import parse_s3_uri
 
 from airflow_provider_studio.scrape_collection import (
     DEFAULT_FIELDS,
@@ -24,7 +25,6 @@ from airflow_provider_studio.scrape_collection import (
     Wanted,
     bucket_name,
     fields_from,
-    parse_s3_uri,
     scrape_client,
     wanted_from,
 )

@@ -19,14 +19,13 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from airflow.providers.cncf.kubernetes.backcompat.backwards_compat_converters import convert_env_vars
 from airflow.providers.cncf.kubernetes.secret import Secret
 from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from kubernetes.client import models as k8s
-from studio_runner.units import parse_duration
+from studio_runner.units import parse_seconds
 
 from airflow_provider_studio.hooks.rabbitmq import StudioRabbitMQHook
 from airflow_provider_studio.operators.local_runner import local_command, read_summary
@@ -344,11 +343,7 @@ class StudioQueueRunnerOperator(StudioRunnerPodOperator):
         if "rmq" in self.queue_backends:
             hook = StudioRabbitMQHook(self.rabbitmq_conn_id)
             settings = hook.settings()
-            scheme = "amqps" if settings.ssl else "amqp"
-            amqp_url = (
-                f"{scheme}://{quote(settings.login, safe='')}@{settings.address}/"
-                f"{quote(settings.vhost, safe='')}"
-            )
+            amqp_url = settings.amqp_url(include_password=False)
             password = settings.password or None
             management_url = hook.management_url
         region = sqs_endpoint = None
@@ -399,19 +394,10 @@ def _pattern(name: str, value: Any) -> str | None:
 
 
 def _seconds(name: str, value: Any) -> float:
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        text = str(value or "0").strip()
-        try:
-            seconds = float(text)
-        except ValueError:
-            try:
-                seconds = parse_duration(text)
-            except ValueError as error:
-                raise AirflowFailException(f"{name}: {error}") from None
+    try:
+        seconds = parse_seconds(value if value not in (None, "") else 0)
+    except ValueError as error:
+        raise AirflowFailException(f"{name}: {error}") from None
     if seconds < 0:
         raise AirflowFailException(f"{name} must not be negative, not {value!r}")
     return seconds

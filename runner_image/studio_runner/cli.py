@@ -21,11 +21,11 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlsplit, urlunsplit
 
 from . import logs
+from .amqp_urls import with_password
 from .cache import DownloadCache
-from .envelope import MessageKeys, open_message
+from .envelope import RunnerKeyring, open_message
 from .experiment import ExperimentRunner
 from .gpus import inventory, parse_slot_overrides, visible_devices_from_env
 from .jobenv import hide_runner_process
@@ -34,7 +34,7 @@ from .pythonenv import VirtualenvCache
 from .request import RequestError
 from .resources import ResourcePool
 from .storage import Storage, StorageSettings
-from .units import parse_duration, parse_size
+from .units import parse_seconds, parse_size
 
 if TYPE_CHECKING:
     from .health import HealthServer
@@ -47,14 +47,6 @@ log = logging.getLogger("studio_runner")
 _TRUE = {"1", "true", "yes", "on"}
 FLAG = bool
 """Marks an on/off option (``--debug`` / ``--no-debug``)."""
-
-
-def _seconds(text: str) -> float:
-    """Durations as Go writes them (``90s``, ``5m``) or plain seconds."""
-    try:
-        return float(text)
-    except ValueError:
-        return parse_duration(text)
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -77,7 +69,7 @@ EXPERIMENT_OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
     ("--gpu-slots", _names, (), "slots per GPU model the built-in table lacks, e.g. 'H100=80'"),
     ("--job-env", _names, (), "runner environment variables passed on to workloads"),
     ("--installer", str, "auto", "virtualenv installer: 'pip', 'uv', or 'auto' (uv when installed)"),
-    ("--grace-period", _seconds, 30.0, "how long a stopping workload gets before SIGKILL"),
+    ("--grace-period", parse_seconds, 30.0, "how long a stopping workload gets before SIGKILL"),
     ("--schema-logs", FLAG, True, "record plain console lines in the scrape document"),
     ("--s3-https", FLAG, False, "use HTTPS for non-AWS s3://host:port endpoints"),
     ("--s3-ca", str, None, "CA bundle for HTTPS object stores"),
@@ -102,7 +94,7 @@ SERVE_OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
     ("--sqs-region", str, None, "SQS region when no credential set names one"),
     ("--max-attempts", int, 3, "attempts before a failing experiment is dead-lettered"),
     ("--limit-tasks", int, 0, "exit after this many experiments (0: no limit)"),
-    ("--limit-idle-duration", _seconds, 0.0, "exit after this long without work (0: never)"),
+    ("--limit-idle-duration", parse_seconds, 0.0, "exit after this long without work (0: never)"),
     ("--prom-address", str, DEFAULT_PROM_ADDRESS, "[HOST]:PORT of /metrics /healthz /readyz ('', off: none)"),
     ("--state-file", Path, None, "mounted ConfigMap folder or file whose STATE drains the runner"),
     *MESSAGE_KEY_OPTIONS,
@@ -229,10 +221,10 @@ def _print_line(line: str) -> None:
     sys.stdout.flush()
 
 
-def _message_keys(args: argparse.Namespace) -> MessageKeys | None:
+def _message_keys(args: argparse.Namespace) -> RunnerKeyring | None:
     """The key folders given, checked once at start so a broken setup fails before taking work."""
     try:
-        keys = MessageKeys.from_options(
+        keys = RunnerKeyring.from_options(
             args.encrypt_dir, args.request_signatures_dir, getattr(args, "response_signatures_dir", None)
         )
     except ValueError as error:
@@ -417,16 +409,13 @@ def _handled(key: str | None, queue: str, attempt: int, status: Status, reason: 
 
 
 def _with_password(amqp_url: str, password: str) -> str:
-    """``--amqp-url`` with ``--amqp-password`` filled in, quoted, so any password works."""
-    parts = urlsplit(amqp_url)
-    if not parts.username:
-        raise _UsageError("--amqp-password needs a user in --amqp-url, e.g. amqp://studio@host:5672/%2f")
-    host = parts.netloc.rpartition("@")[2]
-    netloc = f"{parts.username}:{quote(password, safe='')}@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    try:
+        return with_password(amqp_url, password)
+    except ValueError as error:
+        raise _UsageError(f"--amqp-password: {error}") from None
 
 
-def _response_queues(transports: list[Any], keys: MessageKeys | None) -> ResponseQueues | None:
+def _response_queues(transports: list[Any], keys: RunnerKeyring | None) -> ResponseQueues | None:
     """Reports go to ``<queue>_response`` on the RabbitMQ broker, when response keys are given (spec §2.8)."""
     from .reports import ResponseQueues
 

@@ -380,7 +380,7 @@ class SigningKey:
     fingerprint: str
 
 
-class MessageKeys:
+class RunnerKeyring:
     """The runner's keys: decryption (``--encrypt-dir``), request signers, response-queue encryption."""
 
     def __init__(
@@ -410,7 +410,7 @@ class MessageKeys:
         encrypt_dir: Path | None = None,
         request_signatures_dir: Path | None = None,
         response_signatures_dir: Path | None = None,
-    ) -> MessageKeys | None:
+    ) -> RunnerKeyring | None:
         """None when no folder is given (a clear-text runner); ValueError for a setup that cannot work."""
         if not (encrypt_dir or request_signatures_dir or response_signatures_dir):
             return None
@@ -474,7 +474,7 @@ class MessageKeys:
 
 # --- opening ------------------------------------------------------------------------------------
 def open_message(
-    body: bytes | str, queue: str | None, keys: MessageKeys | None, *, clear_text_allowed: bool
+    body: bytes | str, queue: str | None, keys: RunnerKeyring | None, *, clear_text_allowed: bool
 ) -> Request:
     """The request a message carries, or RequestError with the reason it is refused.
 
@@ -518,7 +518,7 @@ def open_message(
     return decode_request(inner)
 
 
-def _verify(message: dict[str, Any], payload: str, queue: str | None, keys: MessageKeys) -> SigningKey:
+def _verify(message: dict[str, Any], payload: str, queue: str | None, keys: RunnerKeyring) -> SigningKey:
     signature_text = message.get("signature")
     if not isinstance(signature_text, str) or not signature_text.strip():
         raise EnvelopeError(

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
-from .envelope import MessageKeys, hybrid_seal
+from .envelope import RunnerKeyring, hybrid_seal
 from .queues.base import RESPONSE_SUFFIX
 
 log = logging.getLogger(__name__)
@@ -374,7 +374,7 @@ class ResponseQueues:
 
     def __init__(
         self,
-        keys: MessageKeys,
+        keys: RunnerKeyring,
         *,
         exists: Callable[[str], bool],
         open_sender: Callable[[str], Sender],
@@ -386,7 +386,7 @@ class ResponseQueues:
         self.executor_id = executor_id or socket.gethostname()
 
     @classmethod
-    def rabbitmq(cls, transport: Any, keys: MessageKeys) -> ResponseQueues:
+    def rabbitmq(cls, transport: Any, keys: RunnerKeyring) -> ResponseQueues:
         """Response queues on the broker of a ``RabbitMQTransport`` (the only transport upstream reported on)."""
         return cls(
             keys,

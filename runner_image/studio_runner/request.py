@@ -25,6 +25,7 @@ from pydantic import (
     field_validator,
 )
 
+from .s3_uris import parse_qualified_s3_uri, qualified_s3_uri
 from .units import parse_duration, parse_size
 
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
@@ -308,14 +309,8 @@ class ArtifactLocation:
         if scheme == "file":
             path = unquote(parts.path)
             return cls(scheme="file", host="", bucket="", key=key or path)
-        if scheme not in ("s3", "http", "https"):
-            raise ValueError(f"unsupported artifact URI scheme in {qualified!r} (use s3:// or file://)")
-        segments = [unquote(s) for s in parts.path.split("/") if s]
-        derived_bucket = segments[0] if segments else ""
-        derived_key = "/".join(segments[1:])
-        location = cls(
-            scheme=scheme, host=parts.netloc, bucket=bucket or derived_bucket, key=key or derived_key
-        )
+        scheme, host, derived_bucket, derived_key = parse_qualified_s3_uri(qualified)
+        location = cls(scheme=scheme, host=host, bucket=bucket or derived_bucket, key=key or derived_key)
         if not location.bucket or not location.key:
             raise ValueError(f"artifact URI {qualified!r} names no bucket and key")
         return location
@@ -324,7 +319,7 @@ class ArtifactLocation:
     def uri(self) -> str:
         if self.scheme == "file":
             return f"file://{self.key}"
-        return f"s3://{self.host}/{self.bucket}/{self.key}"
+        return qualified_s3_uri(self.host, self.bucket, self.key)
 
 
 def _optional_duration(text: str | None) -> float | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from datetime import timedelta
 
 _DURATION_UNITS = {
     "ns": 1e-9,
@@ -44,6 +45,38 @@ def parse_duration(text: str) -> float:
     if position != len(body):
         raise ValueError(f"invalid duration {text!r} (expected e.g. '90s', '20m', '1h30m')")
     return sign * total
+
+
+def parse_seconds(value: str | float | timedelta) -> float:
+    """Seconds in a timedelta, a number, a number's text (``"90"``) or a Go duration (``"1m30s"``).
+
+    The one reading of every duration option, on the command line and in operator arguments;
+    bounds (positive, non-negative) are the caller's to check. Raises ValueError, also for NaN and
+    infinities, which no limit can mean.
+    """
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = parse_duration(value)
+    else:
+        raise ValueError(f"invalid duration {value!r} (expected e.g. '90s', '20m', '1h30m' or seconds)")
+    if not math.isfinite(seconds):
+        raise ValueError(f"invalid duration {value!r} (not a finite number of seconds)")
+    return seconds
+
+
+def is_seconds_number(text: str) -> bool:
+    """Whether ``text`` is a plain number of seconds rather than a Go duration."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def format_duration(seconds: float) -> str:

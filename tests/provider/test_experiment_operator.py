@@ -26,9 +26,7 @@ import pendulum
 import pytest
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.sdk import DAG
-from airflow.sdk.api.datamodels._generated import DagRun, DagRunState, DagRunType, TIRunContext
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred
-from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
 from kubernetes.client import ApiClient
 from kubernetes.client import models as k8s
 from moto import mock_aws
@@ -42,6 +40,7 @@ from airflow_provider_studio.operators.experiment import (
     StudioRequestRefused,
     kubernetes_quantity,
 )
+from tests.provider.task_context import RecordingTI, runtime_context, seaweed_conn_json
 from tests.runner.results import final_document, tar_members
 
 S3_CONN = "studio_experiment_s3"
@@ -81,69 +80,6 @@ def seaweed_conn(services, monkeypatch: pytest.MonkeyPatch) -> str:
     """The session's SeaweedFS as an Airflow AWS connection (``endpoint_url`` extra)."""
     monkeypatch.setenv(f"AIRFLOW_CONN_{S3_CONN.upper()}", seaweed_conn_json(services))
     return S3_CONN
-
-
-def seaweed_conn_json(services) -> str:
-    return json.dumps(
-        {
-            "conn_type": "aws",
-            "login": services.s3_access_key,
-            "password": services.s3_secret_key,
-            "extra": {"endpoint_url": services.s3_endpoint, "region_name": services.region},
-        }
-    )
-
-
-# --- contexts ------------------------------------------------------------------------------------
-
-
-def runtime_context(
-    op: StudioExperimentOperator, *, run_id: str = "manual__2026-03-01T00:00:00+00:00"
-) -> Any:
-    """The Task SDK's own template context for ``op``, as a worker builds it (no server needed)."""
-    when = pendulum.datetime(2026, 3, 1, tz="UTC")
-    dag_run = DagRun(
-        dag_id=op.dag_id,
-        run_id=run_id,
-        logical_date=when,
-        data_interval_start=when,
-        data_interval_end=when,
-        run_after=when,
-        start_date=when,
-        end_date=None,
-        run_type=DagRunType.MANUAL,
-        state=DagRunState.RUNNING,
-        consumed_asset_events=[],
-        partition_key=None,
-        conf={"generation": 12},
-    )
-    ti = RuntimeTaskInstance.model_construct(
-        id=uuid.uuid4(),
-        task_id=op.task_id,
-        dag_id=op.dag_id,
-        run_id=run_id,
-        try_number=1,
-        dag_version_id=uuid.uuid4(),
-        map_index=-1,
-        task=op,
-        start_date=when,
-        max_tries=0,
-    )
-    ti._ti_context_from_server = TIRunContext(dag_run=dag_run, max_tries=0)
-    return ti.get_template_context()
-
-
-class RecordingTI:
-    """Stands in for the task instance where a test runs ``execute`` in this process."""
-
-    def __init__(self, dag_id: str = "studio_local", task_id: str = "run", map_index: int = -1) -> None:
-        self.dag_id, self.task_id, self.map_index = dag_id, task_id, map_index
-        self.run_id = "manual__2026-03-01T00:00:00+00:00"
-        self.try_number = 1
-        self.xcoms: dict[str, Any] = {}
-
-    def xcom_push(self, key: str, value: Any) -> None:
-        self.xcoms[key] = value
 
 
 # --- the pod -------------------------------------------------------------------------------------
@@ -757,7 +693,7 @@ def keys_conn(sealing_keys, monkeypatch: pytest.MonkeyPatch) -> str:
 def test_a_sealed_request_pod_carries_only_the_envelope_and_mounts_the_runner_keys(
     aws_s3: str, workspace: Path, keys_conn: str, sealing_keys, tmp_path: Path
 ) -> None:
-    from studio_runner.envelope import MessageKeys, open_message
+    from studio_runner.envelope import RunnerKeyring, open_message
     from studio_runner.request import is_envelope
 
     from tests.security.keys import openssh_private, pem_body_lines, write_signers
@@ -775,7 +711,7 @@ def test_a_sealed_request_pod_carries_only_the_envelope_and_mounts_the_runner_ke
     container = base_container(pod)
     envelope = json.loads({e["name"]: e for e in container["env"]}["REQUEST_JSON"]["value"])
     assert is_envelope(envelope)
-    runner_keys = MessageKeys(
+    runner_keys = RunnerKeyring(
         runner_key.write_encrypt_dir(tmp_path / "encrypt"), write_signers(tmp_path / "signers", {"x": signer})
     )
     request = open_message(json.dumps(envelope), None, runner_keys, clear_text_allowed=False)

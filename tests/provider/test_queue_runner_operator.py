@@ -27,8 +27,7 @@ from airflow_provider_studio.operators.queue_runner import StudioQueueRunnerOper
 from tests.broker import queue_depth, unique_queue
 from tests.polling import wait_for
 from tests.provider.connections import rabbitmq_connection, set_connection
-from tests.provider.test_experiment_operator import RecordingTI, runtime_context, seaweed_conn_json
-from tests.runner.conftest import runner_cache, studio_client, studioml_client  # noqa: F401  (fixtures)
+from tests.provider.task_context import RecordingTI, runtime_context, seaweed_conn_json
 from tests.runner.results import tar_members
 
 AMQP_PASSWORD = "FAKE-amqp-password/with@odd:chars"
@@ -301,8 +300,8 @@ SLEEPER = textwrap.dedent(
 def test_killing_a_local_runner_gives_its_experiment_back_to_the_queue(
     services,
     s3_client,
-    studio_client,  # noqa: F811  (imported fixture)
-    runner_cache: Path,  # noqa: F811
+    studio_client,
+    runner_cache: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

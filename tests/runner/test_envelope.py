@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from studio_runner.envelope import (
     EnvelopeError,
-    MessageKeys,
+    RunnerKeyring,
     hybrid_seal,
     open_message,
     seal,
@@ -120,9 +120,9 @@ def request_json(key: str = "exp-1") -> str:
 
 
 @pytest.fixture
-def keys(tmp_path, runner_key, signer) -> MessageKeys:
+def keys(tmp_path, runner_key, signer) -> RunnerKeyring:
     """A runner taking encrypted requests on ``rmq_team_*`` queues signed by ``signer``."""
-    built = MessageKeys.from_options(
+    built = RunnerKeyring.from_options(
         write_encrypt_dir(tmp_path / "message", runner_key),
         write_signers(tmp_path / "signing", {"rmq_team_": signer}),
     )
@@ -135,7 +135,7 @@ def envelope_bytes(envelope: dict[str, Any]) -> bytes:
 
 
 def refusal(
-    body: bytes, queue: str | None, keys: MessageKeys | None, *, clear_text_allowed: bool = False
+    body: bytes, queue: str | None, keys: RunnerKeyring | None, *, clear_text_allowed: bool = False
 ) -> EnvelopeError:
     with pytest.raises(EnvelopeError) as caught:
         open_message(body, queue, keys, clear_text_allowed=clear_text_allowed)
@@ -238,7 +238,7 @@ def test_a_queue_without_a_signing_key_is_refused(keys, runner_key, signer):
 
 
 def test_the_longest_queue_prefix_selects_the_signing_key(tmp_path, runner_key, signer, other_signer):
-    keys = MessageKeys(
+    keys = RunnerKeyring(
         write_encrypt_dir(tmp_path / "message", runner_key),
         write_signers(tmp_path / "signing", {"rmq_team_": signer, "rmq_team_b_": other_signer}),
     )
@@ -256,7 +256,7 @@ def test_the_longest_queue_prefix_selects_the_signing_key(tmp_path, runner_key, 
 
 def test_without_a_queue_any_trusted_signer_is_accepted(tmp_path, runner_key, signer, other_signer):
     """``studio-runner run`` has no queue: the signature must come from some trusted signer."""
-    keys = MessageKeys(
+    keys = RunnerKeyring(
         write_encrypt_dir(tmp_path / "message", runner_key),
         write_signers(tmp_path / "signing", {"rmq_team_": signer}),
     )
@@ -320,7 +320,7 @@ def test_mounted_secret_updates_swap_the_keys(tmp_path, runner_key, other_runner
     )
     kubernetes_secret(message_dir / "passphrase", {"ssh-passphrase": PASSPHRASE}, "v1")
     kubernetes_secret(signing_dir, {"rmq_team_": openssh_public(signer)}, "v1")
-    keys = MessageKeys.from_options(message_dir, signing_dir)
+    keys = RunnerKeyring.from_options(message_dir, signing_dir)
     assert keys is not None
     old = envelope_bytes(seal(request_json(), runner_key.public_key(), signer))
     new = envelope_bytes(seal(request_json(), other_runner_key.public_key(), other_signer))
@@ -340,13 +340,13 @@ def test_mounted_secret_updates_swap_the_keys(tmp_path, runner_key, other_runner
 def test_a_passphrase_protected_private_key_is_opened(tmp_path, runner_key, signer):
     encrypt_dir = write_encrypt_dir(tmp_path / "message", runner_key, PASSPHRASE)
     assert b"Proc-Type: 4,ENCRYPTED" in (encrypt_dir / "encryption" / "ssh-privatekey").read_bytes()
-    keys = MessageKeys.from_options(encrypt_dir, write_signers(tmp_path / "signing", {"rmq_": signer}))
+    keys = RunnerKeyring.from_options(encrypt_dir, write_signers(tmp_path / "signing", {"rmq_": signer}))
     envelope = seal(request_json(), runner_key.public_key(), signer)
     assert open_message(envelope_bytes(envelope), "rmq_x", keys, clear_text_allowed=False).key == "exp-1"
 
 
 def test_a_clear_private_key_needs_no_passphrase(tmp_path, runner_key, signer):
-    keys = MessageKeys.from_options(
+    keys = RunnerKeyring.from_options(
         write_encrypt_dir(tmp_path / "message", runner_key, None),
         write_signers(tmp_path / "signing", {"rmq_": signer}),
     )
@@ -359,26 +359,26 @@ def test_a_wrong_or_missing_passphrase_stops_the_runner_at_start(tmp_path, runne
     signing = write_signers(tmp_path / "signing", {"rmq_": signer})
     (encrypt_dir / "passphrase" / "ssh-passphrase").write_bytes(b"wrong\n")
     with pytest.raises(ValueError, match="cannot load the RSA private key"):
-        MessageKeys.from_options(encrypt_dir, signing)
+        RunnerKeyring.from_options(encrypt_dir, signing)
     (encrypt_dir / "passphrase" / "ssh-passphrase").unlink()
     with pytest.raises(ValueError, match="ssh-passphrase"):
-        MessageKeys.from_options(encrypt_dir, signing)
+        RunnerKeyring.from_options(encrypt_dir, signing)
 
 
 def test_key_folders_must_be_given_together(tmp_path, runner_key, signer):
-    assert MessageKeys.from_options() is None
+    assert RunnerKeyring.from_options() is None
     with pytest.raises(ValueError, match="--request-signatures-dir"):
-        MessageKeys.from_options(write_encrypt_dir(tmp_path / "message", runner_key), None)
+        RunnerKeyring.from_options(write_encrypt_dir(tmp_path / "message", runner_key), None)
     with pytest.raises(ValueError, match="--encrypt-dir"):
-        MessageKeys.from_options(None, write_signers(tmp_path / "signing", {"rmq_": signer}))
+        RunnerKeyring.from_options(None, write_signers(tmp_path / "signing", {"rmq_": signer}))
     with pytest.raises(ValueError, match="no readable RSA private key"):
-        MessageKeys.from_options(tmp_path / "nowhere", tmp_path / "signing")
+        RunnerKeyring.from_options(tmp_path / "nowhere", tmp_path / "signing")
 
 
 def test_a_small_rsa_key_is_refused(tmp_path, signer):
     small = rsa.generate_private_key(public_exponent=65537, key_size=1024)
     with pytest.raises(ValueError, match="too small"):
-        MessageKeys.from_options(
+        RunnerKeyring.from_options(
             write_encrypt_dir(tmp_path / "message", small), write_signers(tmp_path / "s", {"r": signer})
         )
 
@@ -401,7 +401,7 @@ def test_a_runner_without_keys_takes_clear_text_and_refuses_envelopes(runner_key
 
 def test_a_runner_with_only_response_keys_takes_clear_text(tmp_path, runner_key, signer):
     (tmp_path / "responses").mkdir()
-    keys = MessageKeys.from_options(response_signatures_dir=tmp_path / "responses")
+    keys = RunnerKeyring.from_options(response_signatures_dir=tmp_path / "responses")
     assert keys is not None and not keys.decrypts
     assert open_message(request_json().encode(), "rmq_team_a", keys, clear_text_allowed=False).key == "exp-1"
     envelope = envelope_bytes(seal(request_json(), runner_key.public_key(), signer))

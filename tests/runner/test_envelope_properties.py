@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from studio_runner.envelope import MessageKeys, hybrid_seal, open_message, ssh_fingerprint
+from studio_runner.envelope import RunnerKeyring, hybrid_seal, open_message, ssh_fingerprint
 from studio_runner.request import Request, RequestError
 
 from tests.runner.json_documents import json_documents
@@ -42,7 +42,7 @@ _FOLDER = Path(tempfile.mkdtemp(prefix="envelope-properties-"))
 (_FOLDER / "signing" / "rmq_").write_bytes(
     SIGNER.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
 )
-KEYS = MessageKeys.from_options(_FOLDER / "message", _FOLDER / "signing")
+KEYS = RunnerKeyring.from_options(_FOLDER / "message", _FOLDER / "signing")
 QUEUES = st.sampled_from(["rmq_team_a", "sqs_elsewhere", "", None])
 RUNNER_KEYS = st.sampled_from([KEYS, None])
 
@@ -103,7 +103,7 @@ def envelopes(draw: st.DrawFn) -> dict[str, Any]:
 
 
 def opens_or_refuses(
-    body: bytes | str, queue: str | None, keys: MessageKeys | None, clear_text_allowed: bool
+    body: bytes | str, queue: str | None, keys: RunnerKeyring | None, clear_text_allowed: bool
 ) -> None:
     try:
         request = open_message(body, queue, keys, clear_text_allowed=clear_text_allowed)

@@ -1,4 +1,8 @@
-"""Directory queues on real directories, including a runner process killed while it holds a message."""
+"""Directory queues on real directories, including a runner process killed while it holds a message.
+
+What every transport does (hold, settle, retry, dead-letter, discover) is test_transport_contract.py;
+here is what only directories do: their listing, order, locks and files.
+"""
 
 from __future__ import annotations
 
@@ -40,19 +44,14 @@ def test_discovery_lists_directories_and_the_matcher_picks_work_queues(
     assert transport.exists("local_a") and not transport.exists("local_c")
 
 
-def test_get_then_ack_removes_the_message(root: Path, transport: LocalDirTransport) -> None:
-    publish(root, "local_q", b'{"experiment": {"key": "k1"}}')
-    delivery = transport.get("local_q")
-    assert delivery is not None
-    assert (delivery.queue, delivery.body, delivery.attempts, delivery.redelivered) == (
-        "local_q",
-        b'{"experiment": {"key": "k1"}}',
-        1,
-        False,
-    )
-    assert transport.get("local_q") is None  # held: nobody else sees it
-    delivery.ack()
-    assert transport.get("local_q") is None
+def test_settled_messages_leave_no_file_behind(root: Path, transport: LocalDirTransport) -> None:
+    publish(root, "local_q", b"the request")
+    transport.get("local_q").ack()
+    assert os.listdir(root / "local_q" / INFLIGHT) == []
+    publish(root, "local_q", b"the request")
+    transport.get("local_q").reject("invalid: no experiment key")
+    transport.get("local_q_rejected").ack()  # a rejected message taken for good: its record goes with it
+    assert [p for p in (root / "local_q_rejected").iterdir() if p.name != INFLIGHT] == []
     assert os.listdir(root / "local_q" / INFLIGHT) == []
 
 
@@ -64,55 +63,6 @@ def test_messages_come_oldest_first(root: Path, transport: LocalDirTransport) ->
         bodies.append(delivery.body)
         delivery.ack()
     assert bodies == [b"m0", b"m1", b"m2"]
-
-
-def test_requeue_makes_it_available_again_uncounted(root: Path, transport: LocalDirTransport) -> None:
-    publish(root, "local_q", "body")
-    transport.get("local_q").requeue()
-    again = transport.get("local_q")
-    assert (again.body, again.attempts) == (b"body", 1)
-    again.ack()
-
-
-def test_retry_counts_attempts(root: Path, transport: LocalDirTransport) -> None:
-    publish(root, "local_q", "body")
-    for expected in (1, 2, 3):
-        delivery = transport.get("local_q")
-        assert (delivery.body, delivery.attempts) == (b"body", expected)
-        delivery.retry("exit code 1")
-    assert transport.get("local_q").attempts == 4
-
-
-def test_reject_dead_letters_body_and_reason(root: Path, transport: LocalDirTransport) -> None:
-    publish(root, "local_q", b"the request")
-    delivery = transport.get("local_q")
-    delivery.reject("invalid: no experiment key")
-
-    assert transport.get("local_q") is None
-    rejected = transport.get("local_q_rejected")
-    assert rejected.body == b"the request"
-    assert rejected.headers["reason"] == "invalid: no experiment key"
-    assert rejected.headers["queue"] == "local_q"
-    assert rejected.headers["rejected_at"]
-    rejected.ack()
-    assert [p for p in (root / "local_q_rejected").iterdir() if p.name != INFLIGHT] == []
-
-
-def test_a_settled_delivery_cannot_be_settled_again(root: Path, transport: LocalDirTransport) -> None:
-    publish(root, "local_q", "body")
-    delivery = transport.get("local_q")
-    delivery.ack()
-    with pytest.raises(RuntimeError, match="already settled"):
-        delivery.requeue()
-
-
-def test_closing_an_unsettled_delivery_gives_it_back(root: Path, transport: LocalDirTransport) -> None:
-    publish(root, "local_q", "body")
-    with transport.get("local_q"):
-        pass
-    delivery = transport.get("local_q")
-    assert delivery.body == b"body"
-    delivery.ack()
 
 
 def test_concurrent_runners_take_each_message_exactly_once(root: Path) -> None:

@@ -1,4 +1,8 @@
-"""SQS transport against a real moto server, with credential sets laid out as ``--sqs-certs`` expects."""
+"""SQS transport against a real moto server, with credential sets laid out as ``--sqs-certs`` expects.
+
+What every transport does (hold, settle, retry, dead-letter, discover) is test_transport_contract.py;
+here is what only SQS does: the sqs_ listing, credential sets, visibility timeouts.
+"""
 
 from __future__ import annotations
 
@@ -6,39 +10,14 @@ import threading
 import time
 from pathlib import Path
 
-import boto3
 import pytest
 from studio_runner.queues.sqs import (
-    ATTEMPTS_ATTRIBUTE,
-    LAST_FAILURE_ATTRIBUTE,
-    REASON_ATTRIBUTE,
-    REJECTED_AT_ATTRIBUTE,
-    REJECTED_QUEUE_ATTRIBUTE,
     SqsTransport,
 )
-from studio_runner.service import QueueMatcher
 
 from devtools.services import Endpoints
 from tests.broker import unique_queue
-
-
-def credential_set(certs: Path, name: str, region: str) -> None:
-    folder = certs / name
-    folder.mkdir(parents=True)
-    (folder / "credentials").write_text(
-        "[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n"
-    )
-    (folder / "config").write_text(f"[default]\nregion = {region}\n")
-
-
-def sqs_client(services: Endpoints, region: str | None = None):
-    return boto3.client(
-        "sqs",
-        endpoint_url=services.sqs_endpoint,
-        region_name=region or services.region,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+from tests.sqs_queues import credential_set, sqs_client
 
 
 @pytest.fixture
@@ -65,20 +44,13 @@ def send(services: Endpoints, queue: str, body: str, region: str | None = None) 
     client.send_message(QueueUrl=client.get_queue_url(QueueName=queue)["QueueUrl"], MessageBody=body)
 
 
-def test_discovery_lists_sqs_queues_and_the_matcher_picks_work_queues(
+def test_discovery_lists_only_sqs_prefixed_queues(
     services: Endpoints, transport: SqsTransport, queue: str
 ) -> None:
-    client = sqs_client(services)
-    for name in (f"{queue}_response", f"{queue}_rejected", f"other_{queue}"):
-        client.create_queue(QueueName=name)
+    sqs_client(services).create_queue(QueueName=f"other_{queue}")
     names = set(transport.discover())
-    assert {queue, f"{queue}_response", f"{queue}_rejected"} <= names
+    assert queue in names
     assert f"other_{queue}" not in names  # listed with the sqs_ prefix only
-    matched = {n for n in names if QueueMatcher()(n)}
-    assert queue in matched and {f"{queue}_response", f"{queue}_rejected"}.isdisjoint(matched)
-    assert queue not in {n for n in names if QueueMatcher(mismatch=queue)(n)}
-    assert transport.exists(queue) and not transport.exists(unique_queue("sqs_t"))
-    assert transport.get(unique_queue("sqs_t")) is None
 
 
 def test_credential_sets_are_rescanned_and_each_account_is_served(
@@ -111,48 +83,6 @@ def test_default_credential_chain(services: Endpoints, queue: str, monkeypatch: 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     transport = SqsTransport(endpoint_url=services.sqs_endpoint, region=services.region, wait_seconds=0)
     assert queue in transport.discover()
-
-
-def test_get_then_ack(services: Endpoints, transport: SqsTransport, queue: str) -> None:
-    send(services, queue, '{"experiment": {}}')
-    delivery = transport.get(queue)
-    assert (delivery.queue, delivery.body, delivery.attempts, delivery.redelivered) == (
-        queue,
-        b'{"experiment": {}}',
-        1,
-        False,
-    )
-    assert transport.get(queue) is None  # invisible while held
-    delivery.ack()
-    assert transport.get(queue) is None
-
-
-def test_requeue_makes_it_visible_at_once(services: Endpoints, transport: SqsTransport, queue: str) -> None:
-    send(services, queue, "request")
-    transport.get(queue).requeue()
-    again = transport.get(queue)
-    assert (again.body, again.attempts, again.redelivered) == (b"request", 1, True)
-    again.ack()
-
-
-def test_retry_counts_attempts_and_reject_dead_letters(
-    services: Endpoints, transport: SqsTransport, queue: str
-) -> None:
-    send(services, queue, "request")
-    transport.get(queue).retry("failed: exit code 1")
-    retried = transport.get(queue)
-    assert (retried.body, retried.attempts, retried.redelivered) == (b"request", 2, False)
-    assert retried.headers[LAST_FAILURE_ATTRIBUTE] == "failed: exit code 1"
-
-    retried.reject("failed after 2 attempts: failed: exit code 1")
-    assert transport.get(queue) is None
-    dead = transport.get(f"{queue}_rejected")
-    assert dead.body == b"request"
-    assert dead.headers[REASON_ATTRIBUTE] == "failed after 2 attempts: failed: exit code 1"
-    assert dead.headers[REJECTED_QUEUE_ATTRIBUTE] == queue
-    assert dead.headers[REJECTED_AT_ATTRIBUTE]
-    assert dead.headers[ATTEMPTS_ATTRIBUTE] == "2"
-    dead.ack()
 
 
 def _receive_while(services: Endpoints, queue: str, until: threading.Event) -> list[str]:

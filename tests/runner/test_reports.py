@@ -31,7 +31,7 @@ from google.protobuf import (
     wrappers_pb2,
 )
 from studio_runner import reports
-from studio_runner.envelope import MessageKeys
+from studio_runner.envelope import RunnerKeyring
 from studio_runner.reports import (
     NO_REPORTS,
     QueueReporter,
@@ -373,7 +373,7 @@ def response_queues(
     folder.mkdir(exist_ok=True)
     for prefix, key in keys.items():
         (folder / prefix).write_bytes(pkcs1_public(key))
-    message_keys = MessageKeys.from_options(response_signatures_dir=folder)
+    message_keys = RunnerKeyring.from_options(response_signatures_dir=folder)
     assert message_keys is not None
     opened: list[str] = []
 

@@ -19,7 +19,7 @@ from studio_runner.service import QueueMatcher, RunnerState, Service, ServiceSum
 from devtools.services import Endpoints
 from tests.broker import management, publish_like_client
 from tests.polling import wait_for
-from tests.runner.test_queues_sqs import sqs_client
+from tests.sqs_queues import sqs_client
 
 pytestmark = pytest.mark.timeout(60)
 

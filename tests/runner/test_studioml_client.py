@@ -7,8 +7,6 @@ client looks, ``CompletionService.getResults()`` returns, and bad work never blo
 from __future__ import annotations
 
 import json
-import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -16,23 +14,7 @@ from tests.broker import dead_letters, publish_like_client, queue_depth, unique_
 from tests.polling import wait_for
 from tests.runner.client_requests import client_request, upload_blob, workspace_tar
 from tests.runner.results import final_document, scrape_documents, tar_members
-
-TRAIN = """\
-import json, os, sys
-print("arguments:", sys.argv[1:])
-for epoch in range(3):
-    print(json.dumps({"experiment": {"epoch": epoch, "fitness": 0.25 * (epoch + 1)}}))
-os.makedirs("../modeldir", exist_ok=True)
-with open("../modeldir/weights.txt", "w") as out:
-    out.write("trained")
-"""
-
-
-def workspace(tmp_path: Path, script: str, name: str = "train.py") -> Path:
-    folder = tmp_path / "workspace"
-    folder.mkdir(exist_ok=True)
-    (folder / name).write_text(textwrap.dedent(script))
-    return folder
+from tests.runner.workloads import TRAIN, workspace
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 from devtools.services import Endpoints
-from tests.runner.conftest import RunnerProcess
+from tests.runner.processes import RunnerProcess
 
 PR_CAPBSET_DROP = 24
 _LIBC = ctypes.CDLL(None, use_errno=True)

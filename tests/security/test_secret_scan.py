@@ -32,8 +32,7 @@ from kubernetes.client import ApiClient
 from devtools.services import TEAM_S3_KEYS, Endpoints
 from tests.broker import queue_depth, unique_queue
 from tests.polling import wait_for
-from tests.provider.test_experiment_operator import runtime_context
-from tests.runner import conftest as runner_fixtures
+from tests.provider.task_context import runtime_context
 from tests.runner.results import scrape_documents, tar_members
 from tests.security.keys import (
     RunnerKey,
@@ -52,12 +51,6 @@ from tests.security.runners import (
     start_serve,
 )
 from tests.security.scan import PROBE, leaks, probe_report, without_probe_lines, without_workload_lines
-
-# The studioml client and the shared virtualenv cache, from tests/runner/conftest.py: fixtures
-# a module names are its own, and conftest fixtures are only seen below their folder.
-runner_cache = runner_fixtures.runner_cache
-studio_client = runner_fixtures.studio_client
-studioml_client = runner_fixtures.studioml_client
 
 RUNNER_ONLY_NAMES = (
     "AMQP_URL",

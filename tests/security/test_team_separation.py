@@ -29,9 +29,8 @@ from studio_runner.envelope import seal
 from devtools.services import TEAM_S3_KEYS, Endpoints
 from tests.broker import dead_letters, declare_like_client, publish_like_client
 from tests.polling import wait_for
-from tests.runner import conftest as runner_fixtures
 from tests.runner.client_requests import client_request, upload_blob, workspace_tar
-from tests.runner.conftest import RunnerProcess
+from tests.runner.processes import RunnerProcess
 from tests.runner.results import final_document, tar_members
 from tests.security.keys import RunnerKey, new_signer, write_signers
 from tests.security.runners import (
@@ -41,8 +40,6 @@ from tests.security.runners import (
     set_topic_permissions,
     start_serve,
 )
-
-runner_cache = runner_fixtures.runner_cache  # the shared virtualenv cache (tests/runner/conftest.py)
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 SHIPPED_TEAM = "team_b"
@@ -254,10 +251,10 @@ def test_teams_cannot_read_each_others_queues_work_or_workspaces(
 
 def json_key(body: bytes, team: Team) -> str:
     """The experiment key inside a dead letter this team's runner can open, or "?" if it cannot."""
-    from studio_runner.envelope import MessageKeys, open_message
+    from studio_runner.envelope import RunnerKeyring, open_message
     from studio_runner.request import RequestError
 
-    keys = MessageKeys(team.root / "encryption", team.root / "request-signers")
+    keys = RunnerKeyring(team.root / "encryption", team.root / "request-signers")
     try:
         return open_message(body, team.queue, keys, clear_text_allowed=False).key
     except RequestError:

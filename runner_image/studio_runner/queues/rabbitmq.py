@@ -29,6 +29,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 
+from ..amqp_urls import management_url_for
 from ..request import redact
 from .base import Delivery, DeliveryLost, QueueError, Transport, dead_letter_queue, utc_now_text
 
@@ -48,20 +49,6 @@ HOLD_TICK_SECONDS = 1.0
 event wakes it at once (a thread-safe callback), so an ack never waits for the tick."""
 BLOCKED_CONNECTION_TIMEOUT = 300.0
 """A broker under a resource alarm blocks publishers; give up (and keep the message) after this."""
-
-
-def management_url_for(amqp_url: str) -> str:
-    """The management API beside an AMQP URL: same host and user, port + 10000 (spec §2.2)."""
-    parts = urlsplit(amqp_url)
-    secure = parts.scheme == "amqps"
-    port = (parts.port or (5671 if secure else 5672)) + 10000
-    userinfo = ""
-    if parts.username is not None:
-        userinfo = parts.username + (f":{parts.password}" if parts.password is not None else "") + "@"
-    host = parts.hostname or "localhost"
-    if ":" in host:
-        host = f"[{host}]"
-    return urlunsplit(("https" if secure else "http", f"{userinfo}{host}:{port}", "", "", ""))
 
 
 def routing_key(queue: str) -> str:

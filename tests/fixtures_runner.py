@@ -1,12 +1,12 @@
-"""End-to-end fixtures: the real ``studioml`` client and ``studio-runner serve`` processes."""
+"""End-to-end fixtures: the real ``studioml`` client and ``studio-runner serve`` processes.
+
+A ``pytest_plugins`` module (registered in tests/conftest.py), so the runner, provider, DAG and
+security tests all get the same fixtures without importing a conftest."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import uuid
@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from devtools.services import Endpoints
+from tests.runner.processes import RunnerProcess
 
 STUDIOML_VERSION = "0.0.44.post6"
 """The last release whose CompletionService imports and works unpatched (STUDIOML_CLIENT.md)."""
@@ -142,28 +143,6 @@ def studio_client(studioml_client: Path, services: Endpoints, s3_client, tmp_pat
 def runner_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One venv and download cache for every runner in the session: the client's freeze builds once."""
     return tmp_path_factory.mktemp("runner-cache")
-
-
-@dataclass
-class RunnerProcess:
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def stop(self, timeout: float = 60.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
-
-    def events(self) -> list[dict]:
-        events = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            with contextlib.suppress(ValueError):
-                events.append(json.loads(line))
-        return events
 
 
 @pytest.fixture
