@@ -4,7 +4,8 @@ Threads: the ``run()`` caller refreshes queue lists and watches limits; each mat
 has one worker thread that polls it, and that thread keeps any message it receives for
 the message's whole life (RabbitMQ's pika connections are confined to one thread). The
 experiment itself runs on a separate handler thread while the worker holds the message
-alive, then the worker settles it. A worker never holds more than one message, which is
+alive, then the worker settles it. The handler gets a ``Message`` (plain values and the
+cancel event), never the delivery. A queue that disappears withdraws the work running from it. A worker never holds more than one message, which is
 how a runner keeps at most one request in flight per queue (spec §2.5).
 """
 
