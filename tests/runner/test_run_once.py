@@ -89,6 +89,29 @@ def test_the_local_broker_is_3_10_and_gets_no_argument(services: Endpoints) -> N
     assert consumer_arguments(version, consumer_timeout_ms(96 * 3600, 30, 60)) is None
 
 
+def test_the_consumer_path_takes_one_message_at_a_time(services: Endpoints, monkeypatch) -> None:
+    """The 3.12+ path, run on the local 3.10 broker (which ignores the argument): one message per
+    take, and the consumer ends before the ack, so the next message is not pushed, then requeued
+    and flagged redelivered when the connection closes."""
+    import studio_runner.queues.rabbitmq as rabbitmq
+
+    queue = unique_queue("rmq_consume")
+    publish_like_client(services.amqp_url, queue, [b"one", b"two"])
+    monkeypatch.setattr(rabbitmq, "server_version", lambda properties: (3, 12, 0))
+    transport = rabbitmq.RabbitMQTransport(
+        services.amqp_url, services.amqp_management_url, consumer_timeout_ms=600_000
+    )
+    taken = []
+    for _ in range(2):
+        delivery = transport.get(queue)
+        assert delivery is not None
+        taken.append((delivery.body, delivery.redelivered))
+        delivery.ack()
+    assert taken == [(b"one", False), (b"two", False)]
+    assert transport.get(queue) is None
+    assert queue_depth(services.amqp_management_url, queue) == 0
+
+
 # --- the lease ---------------------------------------------------------------------------------------
 def lease(**changes: Any) -> LeaseRecord:
     fields: dict[str, Any] = {
