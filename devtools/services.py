@@ -33,6 +33,8 @@ DEFAULT_DATA_DIR = REPO / ".local" / "services"
 RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 S3_ACCESS_KEY = "studiotestkey"
 S3_SECRET_KEY = "studiotestsecret"
+CHANNEL_TICK_MS = 1000
+"""How often RabbitMQ looks for deliveries held past ``consumer_timeout`` (its default: 60 s)."""
 PUBLIC_BUCKET = "studio-public"
 """Readable without credentials, for the runner's anonymous-access path."""
 TEAM_S3_KEYS = {
@@ -162,6 +164,9 @@ class ServiceSet:
     data_dir: Path
     ports: Ports = field(default_factory=Ports.fixed)
     servers: list[Server] = field(default_factory=list)
+    rabbitmq_consumer_timeout_ms: int | None = None
+    """RabbitMQ's ``consumer_timeout`` (its default, 30 min, when None); tests that need a run to
+    outlast it start a private broker with a few seconds."""
 
     @property
     def endpoints(self) -> Endpoints:
@@ -206,6 +211,20 @@ class ServiceSet:
             if server.name == "rabbitmq":
                 server.stop()
                 self.servers.remove(server)
+
+    def start_broker(self) -> Endpoints:
+        """Only epmd and RabbitMQ: a private broker (e.g. with a short consumer timeout) for one test,
+        beside the session's storage; its endpoints' S3 and SQS fields point nowhere."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            epmd = self._start_epmd()
+            self.servers.append(epmd)
+            _wait_until(lambda: _port_open(self.ports.epmd), epmd, "epmd", self._log(epmd.name))
+            self.start_rabbitmq()
+        except BaseException:
+            self.stop()
+            raise
+        return self.endpoints
 
     def start_rabbitmq(self) -> None:
         server = self._start_rabbitmq()
@@ -301,13 +320,21 @@ class ServiceSet:
         root = self.data_dir / "rabbitmq"
         root.mkdir(parents=True, exist_ok=True)
         p = self.ports
+        consumer_timeout = self.rabbitmq_consumer_timeout_ms
         (root / "rabbitmq.conf").write_text(
             f"listeners.tcp.1 = 127.0.0.1:{p.amqp}\n"
             "management.tcp.ip = 127.0.0.1\n"
             f"management.tcp.port = {p.amqp_management}\n"
             "collect_statistics_interval = 1000\n"
+            + (f"consumer_timeout = {consumer_timeout}\n" if consumer_timeout is not None else "")
         )
-        (root / "enabled_plugins").write_text("[rabbitmq_management].\n")
+        # the broker checks consumer_timeout on its channel tick, every 60 s by default: a timeout
+        # of seconds would fire a minute late; rabbitmq.conf has no key for the tick
+        (root / "advanced.config").write_text(
+            f"[{{rabbit, [{{channel_tick_interval, {CHANNEL_TICK_MS}}}]}}].\n"
+        )
+        # the event exchange publishes queue.deleted, consumer.created, ... (amq.rabbitmq.event)
+        (root / "enabled_plugins").write_text("[rabbitmq_management,rabbitmq_event_exchange].\n")
         env = {**os.environ, **self._rabbitmq_env(root)}
         return self._spawn("rabbitmq", [str(RABBITMQ_SERVER)], env=env)
 
@@ -317,6 +344,7 @@ class ServiceSet:
             "RABBITMQ_NODENAME": f"studio{p.amqp}@localhost",
             "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
             "RABBITMQ_CONFIG_FILE": str(root / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(root / "advanced.config"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(root / "enabled_plugins"),
             "RABBITMQ_MNESIA_BASE": str(root / "mnesia"),
             "RABBITMQ_LOG_BASE": str(root / "log"),

@@ -8,8 +8,6 @@ Kubernetes ConfigMap can configure the runner without touching its command line.
 from __future__ import annotations
 
 import argparse
-import collections
-import contextlib
 import json
 import logging
 import os
@@ -18,7 +16,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +37,7 @@ from .units import parse_seconds, parse_size
 if TYPE_CHECKING:
     from .health import HealthServer
     from .metrics import RunnerMetrics
-    from .reports import Reporter, ResponseQueues
+    from .reports import ResponseQueues
     from .service import Service
 
 log = logging.getLogger("studio_runner")
@@ -92,6 +90,12 @@ SERVE_OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
     ("--sqs-certs", Path, None, "folder of AWS credential sets, one sub-folder each"),
     ("--sqs-endpoint", str, None, "SQS endpoint URL (for SQS-compatible servers)"),
     ("--sqs-region", str, None, "SQS region when no credential set names one"),
+    (
+        "--sqs-visibility-ceiling",
+        parse_seconds,
+        12 * 3600.0,
+        "SQS's limit on a message's invisibility after receipt (12h on AWS; lower only for tests)",
+    ),
     ("--max-attempts", int, 3, "attempts before a failing experiment is dead-lettered"),
     ("--limit-tasks", int, 0, "exit after this many experiments (0: no limit)"),
     ("--limit-idle-duration", parse_seconds, 0.0, "exit after this long without work (0: never)"),
@@ -101,8 +105,6 @@ SERVE_OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
     ("--response-signatures-dir", Path, None, "RSA keys for <queue>_response reports, by queue prefix"),
     ("--result-file", Path, None, "where to write the JSON summary of what was handled, on exit"),
 )
-SERVE_RESULT_EXPERIMENTS = 100
-"""``serve --result-file`` lists at most this many (the latest) experiments; the counts cover all."""
 RUN_OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
     ("--request", str, None, "request file, or '-' for standard input"),
     ("--request-json", str, None, "the request itself, as JSON (for a pod's environment)"),
@@ -291,19 +293,29 @@ def _on_stop_signals(stop: Callable[[], None]) -> None:
 # --- serve --------------------------------------------------------------------------------
 def _serve(args: argparse.Namespace) -> int:
     from .drain import StateWatcher
+    from .handling import MessageHandler
+    from .limits import HARD_CAP_SECONDS
     from .metrics import RunnerMetrics
     from .queues.localdir import LocalDirTransport
-    from .queues.rabbitmq import RabbitMQTransport
+    from .queues.rabbitmq import RabbitMQTransport, consumer_timeout_ms
     from .queues.sqs import SqsTransport
-    from .service import QueueMatcher, Service, current_delivery_redelivered, current_transport_kind
+    from .service import QueueMatcher, Service
 
     transports = []
     if args.amqp_url:
         amqp_url = _with_password(args.amqp_url, args.amqp_password) if args.amqp_password else args.amqp_url
-        transports.append(RabbitMQTransport(amqp_url, args.amqp_mgt_url))
+        # a consumer's timeout is fixed before its message is seen: cover the longest run any
+        # request can have here (the hard cap), its stopping grace and its final upload
+        timeout = consumer_timeout_ms(HARD_CAP_SECONDS, args.grace_period, FINAL_UPLOAD_SECONDS)
+        transports.append(RabbitMQTransport(amqp_url, args.amqp_mgt_url, consumer_timeout_ms=timeout))
     if args.sqs_certs or args.sqs_endpoint:
         transports.append(
-            SqsTransport(certs_dir=args.sqs_certs, endpoint_url=args.sqs_endpoint, region=args.sqs_region)
+            SqsTransport(
+                certs_dir=args.sqs_certs,
+                endpoint_url=args.sqs_endpoint,
+                region=args.sqs_region,
+                visibility_ceiling=args.sqs_visibility_ceiling,
+            )
         )
     if args.queue_root:
         transports.append(LocalDirTransport(args.queue_root))
@@ -316,59 +328,17 @@ def _serve(args: argparse.Namespace) -> int:
     metrics.watch_resources(runner.resources)
     if runner.cache is not None:
         metrics.watch_cache(runner.cache)
-    wanted: dict[str, Any] = {}
-    handled: collections.deque[dict[str, Any]] = collections.deque(maxlen=SERVE_RESULT_EXPERIMENTS)
-
-    def handle(body: bytes, queue: str, attempts: int, cancel: threading.Event) -> Outcome:
-        with logs.bound(queue=queue):
-            try:
-                request = open_message(body, queue, keys, clear_text_allowed=args.clear_text_messages)
-            except RequestError as error:
-                log.warning("rejecting a message from %s: %s", queue, error)
-                handled.append(_handled(None, queue, attempts, Status.INVALID, str(error)))
-                return Outcome(Status.INVALID, reason=str(error))
-            wanted[queue] = request.experiment.resources_needed
-            redelivered = current_delivery_redelivered()
-            with logs.bound(experiment=request.key):
-                log.info(
-                    "experiment %s from %s (attempt %d%s)",
-                    request.key,
-                    queue,
-                    attempts,
-                    ", redelivered" if redelivered else "",
-                )
-                with (
-                    metrics.experiment_started(
-                        current_transport_kind() or "unknown",
-                        queue,
-                        request.project,
-                        request.key,
-                        request.experiment.time_added,
-                    ),
-                    _reporting(responses, queue, request.key, current_transport_kind()) as reporter,
-                ):
-                    # a retry copy may be the twin of a redelivered original (a crash between
-                    # publishing the copy and acking the original): both look for an earlier success
-                    outcome = runner.run(
-                        request, cancel=cancel, reporter=reporter, redelivered=redelivered or attempts > 1
-                    )
-                log.info(
-                    "experiment %s %s%s",
-                    request.key,
-                    outcome.status.value,
-                    f": {outcome.reason}" if outcome.reason else "",
-                )
-                handled.append(_handled(request.key, queue, attempts, outcome.status, outcome.reason))
-                return outcome
-
+    handler = MessageHandler(
+        runner, metrics, keys=keys, clear_text_allowed=args.clear_text_messages, responses=responses
+    )
     service = Service(
         transports,
         QueueMatcher(args.queue_match, args.queue_mismatch),
-        handle,
+        handler,
         max_attempts=args.max_attempts,
         limit_tasks=args.limit_tasks,
         limit_idle_seconds=args.limit_idle_duration,
-        capacity=lambda queue: queue not in wanted or runner.resources.fits(wanted[queue]),
+        capacity=handler.fits,
         metrics=metrics,
     )
     _on_stop_signals(_stopper(service, args.grace_period))
@@ -393,19 +363,12 @@ def _serve(args: argparse.Namespace) -> int:
             "statuses": summary.statuses,
             "settle_failures": summary.settle_failures,
             "abandoned": summary.abandoned,
-            "experiments": list(handled),
+            "lost_acks": summary.lost_acks,
+            "experiments": handler.recent(),
         }
         args.result_file.parent.mkdir(parents=True, exist_ok=True)
         args.result_file.write_text(json.dumps(result, indent=1) + "\n")
     return 0
-
-
-def _handled(key: str | None, queue: str, attempt: int, status: Status, reason: str | None) -> dict[str, Any]:
-    """One line of ``serve --result-file``: which experiment, from where, and how it ended."""
-    entry: dict[str, Any] = {"key": key, "queue": queue, "attempt": attempt, "status": status.value}
-    if reason:
-        entry["reason"] = reason if len(reason) <= 300 else reason[:299] + "…"
-    return entry
 
 
 def _with_password(amqp_url: str, password: str) -> str:
@@ -426,23 +389,6 @@ def _response_queues(transports: list[Any], keys: RunnerKeyring | None) -> Respo
         log.warning("--response-signatures-dir is set but reports need RabbitMQ (--amqp-url); none are sent")
         return None
     return ResponseQueues.rabbitmq(rabbitmq, keys)
-
-
-@contextlib.contextmanager
-def _reporting(
-    responses: ResponseQueues | None, queue: str, key: str, transport_kind: str | None
-) -> Iterator[Reporter]:
-    """The attempt's reporter, closed (its reports flushed) when the attempt is over."""
-    from .reports import NO_REPORTS
-
-    if responses is None or transport_kind not in ("rmq", None):  # upstream reported on RabbitMQ only
-        yield NO_REPORTS
-        return
-    reporter = responses.open(queue, key)
-    try:
-        yield reporter
-    finally:
-        reporter.close()
 
 
 FINAL_UPLOAD_SECONDS = 60.0

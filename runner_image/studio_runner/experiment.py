@@ -24,6 +24,7 @@ from .interpreters import PythonEnvError
 from .job import JobResult, run_job, write_job_script
 from .jobenv import job_environment, job_script_exports
 from .layout import ExperimentLayout
+from .lease import DEFAULT_PERIOD_SECONDS, LeaseKeeper, read_lease
 from .limits import TimeLimit, checkpoint_period, time_limit
 from .metadata import RunnerFacts, accession_id, scrape_file_name, write_scrape_file
 from .outcome import Outcome, Status
@@ -56,6 +57,8 @@ class ExperimentRunner:
     record their submit time late (see STUDIOML_CLIENT.md); None to skip (``run`` mode)."""
     on_line: Callable[[str], None] | None = None
     """Receives every line of the experiment's console log (runner notes and workload output)."""
+    lease_seconds: float = DEFAULT_PERIOD_SECONDS
+    """How often a running attempt renews its lease (``lease.py``)."""
     late_refreshes: LateRefreshes = field(default_factory=lambda: LateRefreshes(), repr=False)
 
     def finish_late_refreshes(self, timeout: float) -> None:
@@ -88,16 +91,44 @@ class ExperimentRunner:
             return Outcome(Status.NO_CAPACITY, reason=str(error), key=request.key)
         with allocation:
             # after the allocation, so that a request requeued for capacity does not search each time
-            earlier = self._earlier_success(request) if redelivered else None
-            if earlier is not None:
-                return earlier
+            if redelivered:
+                earlier = self._earlier_attempt_running(request) or self._earlier_success(request)
+                if earlier is not None:
+                    return earlier
             layout = ExperimentLayout.create(self.working_dir, request.key)
             attempt = _Attempt(self, request, layout, allocation, started, reporter)
+            lease = LeaseKeeper(
+                request, self.storage, accession=attempt.accession, host=self.host, period=self.lease_seconds
+            )
             with logs.bound(experiment=request.key):
                 try:
-                    return attempt.run(limit, cancel)
+                    with lease:
+                        outcome = attempt.run(limit, cancel)
+                        lease.end(outcome.status.value)  # after the results are stored
+                        return outcome
                 finally:
                     attempt.clean_up()
+
+    def _earlier_attempt_running(self, request: Request) -> Outcome | None:
+        """RUNNING_ELSEWHERE while an earlier attempt's lease is alive: the broker's claim ended
+        (consumer_timeout, SQS visibility ceiling) but that attempt still runs; never run twice."""
+        try:
+            lease = read_lease(request, self.storage)
+        except Exception as error:  # cannot tell: running it is the side that loses nothing
+            log.warning("could not read the lease of %s (%s); running it", request.key, error)
+            return None
+        if lease is None or not lease.alive():
+            return None
+        log.info(
+            "experiment %s: an earlier attempt still runs (%s); giving this copy back until it ends",
+            request.key,
+            lease.describe(),
+        )
+        return Outcome(
+            Status.RUNNING_ELSEWHERE,
+            reason=f"an earlier attempt still runs: {lease.describe()}",
+            key=request.key,
+        )
 
     def _earlier_success(self, request: Request) -> Outcome | None:
         """SUCCEEDED when an earlier attempt stored its results but died before its ack."""
@@ -217,14 +248,16 @@ class _Attempt:
             self.note(f"python environment failed: {error}")
             status = Status.INVALID if error.permanent else Status.INFRASTRUCTURE
             return status, f"python environment failed: {error}", None
-        return _ending(result, limit)
+        return _ending(result, limit, getattr(cancel, "withdrawn", None))
 
     def _checkpoint(self) -> None:
         self._scrape(status="running", exit_code=None, stopped=None)
         self.artifacts.checkpoint()
         self.artifacts.upload_metadata()
 
-    def _scrape(self, *, status: str, exit_code: int | None, stopped: float | None) -> Path | None:
+    def _scrape(
+        self, *, status: str, exit_code: int | None, stopped: float | None, reason: str = ""
+    ) -> Path | None:
         facts = RunnerFacts(
             host=self.runner.host,
             key=self.request.key,
@@ -239,6 +272,7 @@ class _Attempt:
             stop_time=stopped,
             status=status,
             exit_code=exit_code,
+            reason=reason or None,
         )
         return write_scrape_file(
             self.layout.output_file,
@@ -253,7 +287,7 @@ class _Attempt:
         stopped = time.time()
         if status is not Status.SUCCEEDED:
             self.note(f"{status.value}: {reason}")
-        self._scrape(status=status.value, exit_code=exit_code, stopped=stopped)
+        self._scrape(status=status.value, exit_code=exit_code, stopped=stopped, reason=reason)
         outcome = Outcome(
             status,
             reason=reason,
@@ -352,7 +386,9 @@ class _LateRefresh:
             self.finished.set()
 
 
-def _ending(result: JobResult, limit: TimeLimit) -> tuple[Status, str, int | None]:
+def _ending(result: JobResult, limit: TimeLimit, withdrawn: str | None) -> tuple[Status, str, int | None]:
+    if result.cancelled and withdrawn:
+        return Status.CANCELLED, withdrawn, result.exit_code
     if result.cancelled:
         return (
             Status.INTERRUPTED,

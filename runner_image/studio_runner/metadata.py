@@ -204,6 +204,8 @@ class RunnerFacts:
     stop_time: float | None = None
     status: str | None = None
     exit_code: int | None = None
+    reason: str | None = None
+    """Why a final status that is not success came about (e.g. "queue rmq_x was deleted")."""
 
     def before(self) -> list[Any]:
         facts: dict[str, Any] = {
@@ -231,6 +233,7 @@ class RunnerFacts:
                 {"op": "add", "path": "/studioml/stop_time", "value": stop},
                 {"op": "add", "path": "/studioml/status", "value": self.status},
                 {"op": "add", "path": "/studioml/exit_code", "value": self.exit_code},
+                *([{"op": "add", "path": "/studioml/reason", "value": self.reason}] if self.reason else []),
             ]
         )
         return directives

@@ -29,6 +29,8 @@ class Status(str, enum.Enum):
     INFRASTRUCTURE = "infrastructure_error"  # storage, index or build trouble another attempt may not have
     INTERRUPTED = "interrupted"  # the runner was told to stop; someone else should take it
     NO_CAPACITY = "no_capacity"  # the request does not fit this runner's free resources now
+    RUNNING_ELSEWHERE = "running_elsewhere"  # an earlier attempt still runs (its lease is fresh)
+    CANCELLED = "cancelled"  # the client withdrew the work (deleted its queue); never a success
 
 
 class Disposition(str, enum.Enum):
@@ -36,6 +38,7 @@ class Disposition(str, enum.Enum):
     REQUEUE = "requeue"  # back to the queue now, attempt not counted
     RETRY = "retry"  # back to the queue, attempt counted; dead-lettered once attempts run out
     REJECT = "reject"  # dead-letter with the reason, then ack
+    RELEASE = "release"  # settle nothing: the queue is gone, and its message with it
 
 
 EXIT_CODES = {
@@ -47,6 +50,8 @@ EXIT_CODES = {
     Status.INFRASTRUCTURE: 5,
     Status.INTERRUPTED: 6,
     Status.NO_CAPACITY: 7,
+    Status.RUNNING_ELSEWHERE: 8,
+    Status.CANCELLED: 9,
 }
 """``studio-runner run`` exit codes, so an Airflow task or pod can tell the cases apart."""
 
@@ -59,6 +64,8 @@ _DISPOSITIONS = {
     Status.INFRASTRUCTURE: Disposition.RETRY,
     Status.INTERRUPTED: Disposition.REQUEUE,
     Status.NO_CAPACITY: Disposition.REQUEUE,
+    Status.RUNNING_ELSEWHERE: Disposition.REQUEUE,
+    Status.CANCELLED: Disposition.RELEASE,
 }
 
 

@@ -4,7 +4,8 @@ Threads: the ``run()`` caller refreshes queue lists and watches limits; each mat
 has one worker thread that polls it, and that thread keeps any message it receives for
 the message's whole life (RabbitMQ's pika connections are confined to one thread). The
 experiment itself runs on a separate handler thread while the worker holds the message
-alive, then the worker settles it. A worker never holds more than one message, which is
+alive, then the worker settles it. The handler gets a ``Message`` (plain values and the
+cancel event), never the delivery. A queue that disappears withdraws the work running from it. A worker never holds more than one message, which is
 how a runner keeps at most one request in flight per queue (spec §2.5).
 """
 
@@ -21,36 +22,44 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from . import logs
+from .cancellation import Cancellation
 from .metrics import RunnerMetrics
 from .outcome import Disposition, Outcome, Status
-from .queues.base import NON_WORK_SUFFIXES, Delivery, Transport
+from .queues.base import NON_WORK_SUFFIXES, Delivery, DeliveryLost, Transport, TransportKind
 
 log = logging.getLogger(__name__)
 
 DEFAULT_QUEUE_MATCH = r"^(rmq|sqs|local)_.*$"
 
-Handler = Callable[[bytes, str, int, threading.Event], Outcome]
-"""``handler(body, queue, attempts, cancel) -> Outcome``: runs one request; returns soon after ``cancel`` is set."""
+
+@dataclass(frozen=True)
+class Message:
+    """One held message as its handler sees it: plain values, never the delivery itself (only
+    the receiving thread may touch that), plus the event that asks the handler to stop."""
+
+    body: bytes
+    queue: str
+    attempts: int = 1
+    redelivered: bool = False
+    """The broker handed it out before and it was never settled (a runner died or lost its claim)."""
+    transport: TransportKind | str = "local"
+    cancel: Cancellation = field(default_factory=Cancellation, compare=False, repr=False)
+
+    @property
+    def taken_before(self) -> bool:
+        """Another attempt may have run it: redelivered, or a retry copy (the twin of a redelivered
+        original when a runner died between publishing the copy and acking the original)."""
+        return self.redelivered or self.attempts > 1
+
+
+Handler = Callable[[Message], Outcome]
+"""``handler(message) -> Outcome``: runs one request; returns soon after ``message.cancel`` is set."""
 Capacity = Callable[[str], bool]
 """``capacity(queue)``: False when the last request seen on that queue would not fit now."""
 
-_transport_kind: contextvars.ContextVar[str | None] = contextvars.ContextVar("transport_kind", default=None)
-_redelivered: contextvars.ContextVar[bool] = contextvars.ContextVar("redelivered", default=False)
-
-
-def current_transport_kind() -> str | None:
-    """The kind (``rmq``, ``sqs``, ``local``) of the transport whose message this thread handles.
-
-    Set on queue workers and inherited by the handler thread, so a handler can label metrics
-    without a wider ``Handler`` signature.
-    """
-    return _transport_kind.get()
-
-
-def current_delivery_redelivered() -> bool:
-    """Whether the broker flagged the message this handler thread runs as redelivered: some
-    runner took it before and never settled it (it died, or lost its connection)."""
-    return _redelivered.get()
+REQUEUE_BACKOFF_SECONDS = 5.0
+"""After giving a message back (busy, or its earlier attempt still runs), the queue's worker waits
+this long before taking from that queue again, so a message at the head is not taken in a loop."""
 
 
 class RunnerState(str, enum.Enum):
@@ -94,12 +103,14 @@ class ServiceSummary:
     statuses: dict[str, int] = field(default_factory=dict)
     settle_failures: int = 0
     abandoned: int = 0
+    lost_acks: int = 0
+    """Requests that succeeded with their results stored whose ack never reached the broker."""
 
 
 @dataclass
 class _Job:
     queue: str
-    cancel: threading.Event = field(default_factory=threading.Event)
+    cancel: Cancellation = field(default_factory=Cancellation)
     release: threading.Event = field(default_factory=threading.Event)
     outcome: Outcome | None = None
 
@@ -343,12 +354,34 @@ class Service:
                 self._workers[worker.key] = worker
                 log.info("servicing %s queue %s", transport.kind, name)
                 worker.thread.start()
+            running: list[tuple[str, _Job]] = []
             for key, worker in self._workers.items():
                 if key[0] == index and key[1] not in wanted and not worker.retired:
                     log.info("queue %s is gone from %s; its worker stops", key[1], transport.describe())
                     worker.retired = True
                     worker.wake.set()
+                    if key in self._jobs:
+                        running.append((key[1], self._jobs[key]))
+        for queue, job in running:
+            self._cancel_withdrawn(transport, queue, job)
         return self.refresh_interval
+
+    def _cancel_withdrawn(self, transport: Transport, queue: str, job: _Job) -> None:
+        """A deleted queue cancels the work taken from it (spec §2.7), once the queue itself, not
+        just its listing, is confirmed gone: a glitch in a listing must not kill a day-long run."""
+        try:
+            gone = not transport.exists(queue)
+        except Exception as error:
+            log.warning(
+                "queue %s left the listing but cannot be checked (%s); its work goes on", queue, error
+            )
+            return
+        if not gone:
+            log.info("queue %s left the listing but still exists; its work goes on", queue)
+            return
+        reason = f"queue {queue} was deleted"
+        log.warning("%s: cancelling the request running from it", reason)
+        job.cancel.withdraw(reason)
 
     def _shut_down_workers(self) -> None:
         self._shutdown.set()
@@ -375,7 +408,6 @@ class Service:
 
     # --- queue workers ------------------------------------------------------------------------
     def _work(self, worker: _Worker) -> None:
-        _transport_kind.set(worker.transport.kind)  # this thread runs in its own context
         with logs.bound(queue=worker.queue):
             self._work_loop(worker)
 
@@ -428,7 +460,8 @@ class Service:
             return self._backoff(delay)
         with self._cond:
             self._last_activity = time.monotonic()
-        self._process(worker, delivery)
+        if self._process(worker, delivery) is Disposition.REQUEUE:
+            return max(delay, REQUEUE_BACKOFF_SECONDS)
         return 0.0
 
     def _reserve(self) -> bool:
@@ -443,8 +476,9 @@ class Service:
         with self._cond:
             self._reserved -= 1
 
-    def _process(self, worker: _Worker, delivery: Delivery) -> None:
-        """Run the handler on its own thread while this (receiving) thread holds, then settles, the message."""
+    def _process(self, worker: _Worker, delivery: Delivery) -> Disposition | None:
+        """Run the handler on its own thread while this (receiving) thread holds, then settles, the
+        message; returns what was done with it (None when it was only given back unrun)."""
         job = _Job(queue=worker.queue)
         with self._cond:
             accepted = self._taking_work()
@@ -462,19 +496,21 @@ class Service:
                 )
             finally:
                 delivery.close()
-            return
+            return None
+        message = Message(
+            body=delivery.body,
+            queue=delivery.queue,
+            attempts=delivery.attempts,
+            redelivered=delivery.redelivered,
+            transport=worker.transport.kind,
+            cancel=job.cancel,
+        )
         try:
             log.debug("running a request from %s (attempt %d)", worker.queue, delivery.attempts)
-            # the handler gets plain values, never the delivery: only this thread may touch that;
-            # it runs in a copy of this thread's context, so its log lines and metrics keep the queue
-            flag = _redelivered.set(delivery.redelivered)
-            try:
-                context = contextvars.copy_context()
-            finally:
-                _redelivered.reset(flag)
+            # the handler runs in a copy of this thread's context, so its log lines keep the queue
             threading.Thread(
-                target=context.run,
-                args=(self._run_handler, job, delivery.body, delivery.queue, delivery.attempts),
+                target=contextvars.copy_context().run,
+                args=(self._run_handler, job, message),
                 name=f"handler {worker.queue}",
                 daemon=True,
             ).start()
@@ -486,7 +522,7 @@ class Service:
                 )
                 job.release.wait()
             with logs.bound(experiment=(job.outcome.key or None) if job.outcome else None):
-                self._settle(delivery, job.outcome)
+                return self._settle(delivery, job.outcome)
         finally:
             delivery.close()
             with self._cond:
@@ -495,10 +531,10 @@ class Service:
                 self._last_activity = time.monotonic()
                 self._cond.notify_all()
 
-    def _run_handler(self, job: _Job, body: bytes, queue: str, attempts: int) -> None:
+    def _run_handler(self, job: _Job, message: Message) -> None:
         started = time.monotonic()
         try:
-            outcome = self.handler(body, queue, attempts, job.cancel)
+            outcome = self.handler(message)
             if not isinstance(outcome, Outcome):
                 raise TypeError(f"the handler returned {type(outcome).__name__}, not an Outcome")
         except BaseException as error:  # a handler must never take the service down
@@ -509,14 +545,13 @@ class Service:
                 duration_seconds=time.monotonic() - started,
             )
         if self.metrics is not None:
-            self.metrics.message_handled(
-                current_transport_kind() or "unknown", outcome.status.value, time.monotonic() - started
-            )
+            self.metrics.message_handled(message.transport, outcome.status.value, time.monotonic() - started)
         job.outcome = outcome
         job.release.set()
 
-    def _settle(self, delivery: Delivery, outcome: Outcome | None) -> None:
+    def _settle(self, delivery: Delivery, outcome: Outcome | None) -> Disposition | None:
         """Apply the outcome's disposition; a failure to settle leaves redelivery to the broker."""
+        disposition: Disposition | None = None
         if outcome is None:
             with self._cond:
                 self._summary.abandoned += 1
@@ -534,6 +569,8 @@ class Service:
                 Disposition.REQUEUE: ("requeue", delivery.requeue),
                 Disposition.RETRY: ("retry", lambda: delivery.retry(reason)),
                 Disposition.REJECT: ("reject", lambda: delivery.reject(reason)),
+                # its queue is gone: closing the delivery hands back whatever claim is left
+                Disposition.RELEASE: ("release", lambda: None),
             }[disposition]
             log.info(
                 "request from %s ended %s (attempt %d): %s",
@@ -547,9 +584,24 @@ class Service:
         except Exception as error:
             with self._cond:
                 self._summary.settle_failures += 1
+            if disposition is Disposition.ACK and isinstance(error, DeliveryLost) and outcome is not None:
+                with self._cond:
+                    self._summary.lost_acks += 1
+                log.error(
+                    "LOST ACK: experiment %s from %s succeeded and its results are stored (%s), but the "
+                    "broker no longer accepts its ack (%s). The broker hands the message out again; "
+                    "that copy finds these results and is acked without running again. Frequent lost "
+                    "acks mean runs outlast the broker's claim: see docs/brokers.md",
+                    outcome.key or "?",
+                    delivery.queue,
+                    outcome.scrape_uri or "no scrape document",
+                    error,
+                )
+                return disposition
             log.error(
                 "could not %s a message from %s (%s); it is not lost: the broker redelivers it",
                 action,
                 delivery.queue,
                 error,
             )
+        return disposition

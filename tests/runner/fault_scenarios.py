@@ -85,7 +85,7 @@ print(f"done {key} token {token}", flush=True)
 
 # --- what the scenarios need ----------------------------------------------------------------------
 class Runner(Protocol):
-    """A ``studio-runner serve`` process (``tests/runner/conftest.py``'s RunnerProcess, or the bench's)."""
+    """A ``studio-runner serve`` process (``tests/runner/processes.py``'s RunnerProcess, or the bench's)."""
 
     process: Any
     log: Path

@@ -14,7 +14,7 @@ from studio_runner.outcome import Outcome, Status
 from studio_runner.queues.localdir import LocalDirTransport, publish
 from studio_runner.queues.rabbitmq import RabbitMQTransport
 from studio_runner.queues.sqs import SqsTransport
-from studio_runner.service import QueueMatcher, RunnerState, Service, ServiceSummary
+from studio_runner.service import Message, QueueMatcher, RunnerState, Service, ServiceSummary
 
 from devtools.services import Endpoints
 from tests.broker import management, publish_like_client
@@ -32,7 +32,7 @@ def only(*queues: str) -> QueueMatcher:
 
 
 def returning(status: Status, reason: str = "") -> Callable[..., Outcome]:
-    def handler(body: bytes, queue: str, attempts: int, cancel: threading.Event) -> Outcome:
+    def handler(message: Message) -> Outcome:
         return Outcome(status, reason=reason)
 
     return handler
@@ -93,8 +93,8 @@ def test_failures_retry_until_max_attempts_then_dead_letter(tmp_path: Path) -> N
     publish(tmp_path, "local_fails", b"request")
     seen: list[int] = []
 
-    def handler(body: bytes, queue: str, attempts: int, cancel: threading.Event) -> Outcome:
-        seen.append(attempts)
+    def handler(message: Message) -> Outcome:
+        seen.append(message.attempts)
         return Outcome(Status.FAILED, reason="exit code 1")
 
     service = Service(
@@ -128,8 +128,8 @@ def test_a_handler_exception_is_an_infrastructure_error_and_the_service_carries_
     publish(tmp_path, "local_flaky", b"request")
     calls: list[int] = []
 
-    def handler(body: bytes, queue: str, attempts: int, cancel: threading.Event) -> Outcome:
-        calls.append(attempts)
+    def handler(message: Message) -> Outcome:
+        calls.append(message.attempts)
         if len(calls) == 1:
             raise OSError("disk full")
         return Outcome(Status.SUCCEEDED)
@@ -146,9 +146,9 @@ def test_stop_cancels_running_work_and_interrupted_work_goes_back(tmp_path: Path
     publish(tmp_path, "local_long", b"request")
     started = threading.Event()
 
-    def handler(body: bytes, queue: str, attempts: int, cancel: threading.Event) -> Outcome:
+    def handler(message: Message) -> Outcome:
         started.set()
-        cancel.wait()
+        message.cancel.wait()
         return Outcome(Status.INTERRUPTED, reason="runner stopping")
 
     service = Service([LocalDirTransport(tmp_path)], QueueMatcher(), handler, **FAST)
@@ -165,7 +165,7 @@ def test_work_that_ignores_cancel_is_given_back_after_the_grace_period(tmp_path:
     publish(tmp_path, "local_stuck", b"request")
     started, release = threading.Event(), threading.Event()
 
-    def handler(body: bytes, queue: str, attempts: int, cancel: threading.Event) -> Outcome:
+    def handler(message: Message) -> Outcome:
         started.set()
         release.wait(30)
         return Outcome(Status.SUCCEEDED)
@@ -199,10 +199,10 @@ def test_drain_lets_running_work_finish_and_takes_no_more(tmp_path: Path) -> Non
     publish(tmp_path, "local_drain", b"second")
     started, release = threading.Event(), threading.Event()
 
-    def handler(body: bytes, queue: str, attempts: int, cancel: threading.Event) -> Outcome:
+    def handler(message: Message) -> Outcome:
         started.set()
         release.wait(30)
-        return Outcome(Status.INTERRUPTED if cancel.is_set() else Status.SUCCEEDED)
+        return Outcome(Status.INTERRUPTED if message.cancel.is_set() else Status.SUCCEEDED)
 
     service = Service([LocalDirTransport(tmp_path)], QueueMatcher(), handler, **FAST)
     background = Background(service)
@@ -217,7 +217,7 @@ def test_drain_lets_running_work_finish_and_takes_no_more(tmp_path: Path) -> Non
 def test_kubernetes_states_suspend_resume_and_terminate(tmp_path: Path) -> None:
     handled = threading.Event()
 
-    def handler(body: bytes, queue: str, attempts: int, cancel: threading.Event) -> Outcome:
+    def handler(message: Message) -> Outcome:
         handled.set()
         return Outcome(Status.SUCCEEDED)
 
@@ -243,11 +243,11 @@ def test_one_message_in_flight_per_queue(tmp_path: Path) -> None:
     lock = threading.Lock()
     running, most = [0], [0]
 
-    def handler(body: bytes, queue: str, attempts: int, cancel: threading.Event) -> Outcome:
+    def handler(message: Message) -> Outcome:
         with lock:
             running[0] += 1
             most[0] = max(most[0], running[0])
-        cancel.wait(0.1)  # long enough for a second fetch to overlap, if the service allowed one
+        message.cancel.wait(0.1)  # long enough for a second fetch to overlap, if the service allowed one
         with lock:
             running[0] -= 1
         return Outcome(Status.SUCCEEDED)
@@ -270,8 +270,8 @@ def test_queues_of_every_transport_are_serviced_concurrently(tmp_path: Path, ser
     everyone = threading.Barrier(3, timeout=20)
     bodies: dict[str, bytes] = {}
 
-    def handler(body: bytes, queue: str, attempts: int, cancel: threading.Event) -> Outcome:
-        bodies[queue] = body
+    def handler(message: Message) -> Outcome:
+        bodies[message.queue] = message.body
         everyone.wait()  # only passes if all three run at the same time
         return Outcome(Status.SUCCEEDED)
 
@@ -303,8 +303,8 @@ def test_a_failed_settle_loses_nothing(services: Endpoints) -> None:
     first_run, carry_on = threading.Event(), threading.Event()
     bodies: list[bytes] = []
 
-    def handler(body: bytes, queue: str, attempts: int, cancel: threading.Event) -> Outcome:
-        bodies.append(body)
+    def handler(message: Message) -> Outcome:
+        bodies.append(message.body)
         first_run.set()
         carry_on.wait(20)
         return Outcome(Status.SUCCEEDED)

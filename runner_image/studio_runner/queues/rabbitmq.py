@@ -17,10 +17,13 @@ import base64
 import contextlib
 import json
 import logging
+import math
+import re
 import threading
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
@@ -49,6 +52,35 @@ HOLD_TICK_SECONDS = 1.0
 event wakes it at once (a thread-safe callback), so an ack never waits for the tick."""
 BLOCKED_CONNECTION_TIMEOUT = 300.0
 """A broker under a resource alarm blocks publishers; give up (and keep the message) after this."""
+CONSUMER_TIMEOUT_ARGUMENT = "x-consumer-timeout"
+CONSUMER_TIMEOUT_SINCE = (3, 12)
+"""The first RabbitMQ release that honours ``x-consumer-timeout`` on ``basic.consume``."""
+CONSUME_WAIT_SECONDS = 0.2
+"""How long a consume-based take waits for the broker to push a message before calling the queue empty."""
+
+
+def consumer_timeout_ms(limit_seconds: float, grace_seconds: float, upload_seconds: float) -> int:
+    """The per-consumer timeout that outlasts a run: its time limit, the stopping workload's grace
+    period and the final upload, in the milliseconds RabbitMQ counts in."""
+    if min(limit_seconds, grace_seconds, upload_seconds) < 0:
+        raise ValueError("time limit, grace and upload allowance must not be negative")
+    return math.ceil((limit_seconds + grace_seconds + upload_seconds) * 1000)
+
+
+def server_version(server_properties: Mapping[str, Any] | None) -> tuple[int, ...] | None:
+    """``(3, 12, 1)`` from the broker's ``connection.start`` properties; None when it says nothing usable."""
+    raw = (server_properties or {}).get("version")
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw or "")
+    numbers = re.match(r"^(\d+)\.(\d+)(?:\.(\d+))?", text)
+    return tuple(int(n) for n in numbers.groups() if n is not None) if numbers else None
+
+
+def consumer_arguments(version: tuple[int, ...] | None, timeout_ms: int | None) -> dict[str, Any] | None:
+    """The ``basic.consume`` arguments that carry our timeout, or None where the broker cannot take
+    them (older than 3.12, or unknown): there the runner takes with ``basic.get`` as before."""
+    if timeout_ms is None or version is None or version < CONSUMER_TIMEOUT_SINCE:
+        return None
+    return {CONSUMER_TIMEOUT_ARGUMENT: timeout_ms}
 
 
 def routing_key(queue: str) -> str:
@@ -67,8 +99,13 @@ class RabbitMQTransport(Transport):
         *,
         http_timeout: float = 10.0,
         connection_name: str = "studio-runner",
+        consumer_timeout_ms: int | None = None,
     ) -> None:
+        """``consumer_timeout_ms``: on RabbitMQ 3.12 or later, take messages with a consumer that
+        carries this ``x-consumer-timeout``, so a long run keeps its claim past the broker's
+        ``consumer_timeout``; older brokers get ``basic.get`` and the broker's own setting."""
         self._amqp_url = amqp_url
+        self.consumer_timeout_ms = consumer_timeout_ms
         parameters = pika.URLParameters(amqp_url)  # validates the URL once, here
         self._vhost = parameters.virtual_host
         self._http_timeout = http_timeout
@@ -140,21 +177,53 @@ class RabbitMQTransport(Transport):
 
     def get(self, queue: str) -> RabbitMQDelivery | None:
         connection = self.connect(queue)
+        arguments = consumer_arguments(
+            server_version(connection._impl.server_properties),  # pika keeps them on the impl only
+            self.consumer_timeout_ms,
+        )
+        consumer: str | None = None
         try:
             channel = connection.channel()
-            method, properties, body = channel.basic_get(queue, auto_ack=False)
+            if arguments is None:
+                method, properties, body = channel.basic_get(queue, auto_ack=False)
+            else:
+                consumer, (method, properties, body) = _consume_one(connection, channel, queue, arguments)
         except pika.exceptions.ChannelClosedByBroker as error:
             _close_quietly(connection)
             if error.reply_code == 404:
                 return None  # the client deleted its queue: nothing to do
-            raise QueueError(f"RabbitMQ refused basic.get on {queue!r}: {error.reply_text}") from error
+            raise QueueError(
+                f"RabbitMQ refused to give a message from {queue!r}: {error.reply_text}"
+            ) from error
         except pika.exceptions.AMQPError as error:
             _close_quietly(connection)
-            raise QueueError(f"basic.get on RabbitMQ queue {queue!r} failed: {error!r}") from error
+            raise QueueError(f"taking a message from RabbitMQ queue {queue!r} failed: {error!r}") from error
         if method is None:
             _close_quietly(connection)
             return None
-        return RabbitMQDelivery(queue, connection, channel, method, properties, body)
+        return RabbitMQDelivery(queue, connection, channel, method, properties, body, consumer=consumer)
+
+
+def _consume_one(
+    connection: pika.BlockingConnection, channel: BlockingChannel, queue: str, arguments: dict[str, Any]
+) -> tuple[str | None, tuple[Any, Any, Any]]:
+    """Take one message with a consumer (prefetch 1, so the broker pushes no second one while it is
+    held); the consumer stays open while the message is held, because its timeout lives on it."""
+    channel.basic_qos(prefetch_count=1)
+    taken: list[tuple[Any, Any, Any]] = []
+    tag = channel.basic_consume(
+        queue,
+        lambda _channel, method, properties, body: taken.append((method, properties, body)),
+        auto_ack=False,
+        arguments=arguments,
+    )
+    deadline = time.monotonic() + CONSUME_WAIT_SECONDS
+    while not taken and time.monotonic() < deadline:
+        connection.process_data_events(time_limit=max(0.0, deadline - time.monotonic()))
+    if not taken:
+        channel.basic_cancel(tag)  # pika nacks anything that arrives meanwhile back to the queue
+        return None, (None, None, None)
+    return tag, taken[0]
 
 
 class RabbitMQDelivery(Delivery):
@@ -168,6 +237,8 @@ class RabbitMQDelivery(Delivery):
         method: Basic.GetOk,
         properties: BasicProperties,
         body: bytes,
+        *,
+        consumer: str | None = None,
     ) -> None:
         headers = dict(properties.headers or {})
         super().__init__(
@@ -183,6 +254,7 @@ class RabbitMQDelivery(Delivery):
         self._tag = method.delivery_tag
         self._owner = threading.get_ident()
         self._publisher: BlockingChannel | None = None
+        self._consumer = consumer
 
     def hold_until(self, done: threading.Event) -> None:
         """Service the connection (heartbeats, channel events) until ``done``; pika needs us to."""
@@ -199,17 +271,21 @@ class RabbitMQDelivery(Delivery):
             try:
                 self._connection.process_data_events(time_limit=HOLD_TICK_SECONDS)
             except pika.exceptions.AMQPError as error:
-                log.warning(
-                    "lost the connection holding a message from %s (%r); RabbitMQ will redeliver it, "
-                    "so another runner may run it again",
+                log.error(
+                    "lost the connection holding a message from %s (%r); RabbitMQ hands it out again. "
+                    "This run goes on and stores its results; a copy taken meanwhile waits for it "
+                    "(its lease) and is then acked as already done",
                     self.queue,
                     error,
                 )
                 break
             if self._channel.is_closed:
-                log.warning(
-                    "RabbitMQ closed the channel holding a message from %s; it will be redelivered. "
-                    "If runs last longer than the broker's consumer_timeout (30 min by default), raise it.",
+                log.error(
+                    "RabbitMQ closed the channel holding a message from %s; it hands the message out "
+                    "again. This run goes on and stores its results; a copy taken meanwhile waits for "
+                    "it (its lease) and is then acked as already done. Runs longer than the broker's "
+                    "consumer_timeout (30 min by default) do this on RabbitMQ before 3.12: raise "
+                    "consumer_timeout (see docs/brokers.md)",
                     self.queue,
                 )
                 break
@@ -217,16 +293,19 @@ class RabbitMQDelivery(Delivery):
 
     def _ack(self) -> None:
         with self._amqp("ack"):
+            self._end_consumer()
             self._channel.basic_ack(self._tag)
 
     def _requeue(self) -> None:
         with self._amqp("requeue"):
+            self._end_consumer()
             self._channel.basic_nack(self._tag, requeue=True)
 
     def _retry(self, reason: str) -> None:
         headers = {**self.headers, ATTEMPTS_HEADER: self.attempts + 1, LAST_FAILURE_HEADER: reason}
         with self._amqp("retry"):
             self._publish(routing_key(self.queue), headers)
+            self._end_consumer()
             self._channel.basic_ack(self._tag)
 
     def _reject(self, reason: str) -> None:
@@ -241,6 +320,7 @@ class RabbitMQDelivery(Delivery):
         with self._amqp("reject"):
             self._ensure_dead_letter_queue(dead_letter)
             self._publish(routing_key(dead_letter), headers)
+            self._end_consumer()
             self._channel.basic_ack(self._tag)
 
     def _release(self) -> None:
@@ -248,6 +328,13 @@ class RabbitMQDelivery(Delivery):
         _close_quietly(self._connection)
 
     # --- helpers ------------------------------------------------------------------------------
+    def _end_consumer(self) -> None:
+        """Before settling a consumed message: with prefetch 1 the broker would push the next one
+        the moment this one is acked, only for it to go back (flagged redelivered) on close."""
+        if self._consumer is not None:
+            self._channel.basic_cancel(self._consumer)
+            self._consumer = None
+
     def _check_thread(self) -> None:
         if threading.get_ident() != self._owner:
             raise RuntimeError(

@@ -33,8 +33,11 @@ MAX_MESSAGE_ATTRIBUTES = 10
 """SQS refuses a message with more; ours win, the sender's are trimmed."""
 
 VISIBILITY_TIMEOUT = 30
-MAX_HOLD_SECONDS = 11 * 3600 + 50 * 60
-"""SQS caps a message's total invisibility at 12 h; stop extending before the broker refuses."""
+VISIBILITY_CEILING_SECONDS = 12 * 3600.0
+"""SQS caps a message's total invisibility at 12 h after its receipt: a longer run loses its claim."""
+HOLD_MARGIN_SECONDS = 600.0
+MAX_HOLD_SECONDS = VISIBILITY_CEILING_SECONDS - HOLD_MARGIN_SECONDS
+"""Stop extending before the broker refuses (the last extension still ends at the ceiling)."""
 DEFAULT_REGION = "us-west-2"
 _MISSING_QUEUE = {"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"}
 
@@ -67,14 +70,24 @@ class SqsTransport(Transport):
         region: str | None = None,
         visibility_timeout: int = VISIBILITY_TIMEOUT,
         wait_seconds: int = 1,
-        max_hold_seconds: float = MAX_HOLD_SECONDS,
+        max_hold_seconds: float | None = None,
+        visibility_ceiling: float = VISIBILITY_CEILING_SECONDS,
     ) -> None:
+        """``visibility_ceiling``: how long after its receipt SQS lets a message stay invisible
+        (12 h on AWS); lower only to see a run outlast it in a test. Extensions never pass it."""
+        if visibility_ceiling <= 0:
+            raise ValueError(f"the SQS visibility ceiling must be positive, not {visibility_ceiling}")
         self.certs_dir = Path(certs_dir) if certs_dir is not None else None
         self.endpoint_url = endpoint_url
         self.region = region
         self.visibility_timeout = visibility_timeout
         self.wait_seconds = wait_seconds
-        self.max_hold_seconds = max_hold_seconds
+        self.visibility_ceiling = visibility_ceiling
+        self.max_hold_seconds = (
+            max_hold_seconds
+            if max_hold_seconds is not None
+            else visibility_ceiling - min(HOLD_MARGIN_SECONDS, visibility_ceiling / 12)
+        )
         self._lock = threading.Lock()
         self._accounts: dict[str, _Account] = {}
         self._routes: dict[str, list[_Route]] = {}
@@ -180,7 +193,7 @@ class SqsTransport(Transport):
             answer = route.account.client.receive_message(
                 QueueUrl=route.url,
                 MaxNumberOfMessages=1,
-                VisibilityTimeout=self.visibility_timeout,
+                VisibilityTimeout=self.visibility_for(0.0),
                 WaitTimeSeconds=self.wait_seconds,
                 MessageAttributeNames=["All"],
                 MessageSystemAttributeNames=["ApproximateReceiveCount"],
@@ -234,6 +247,11 @@ class SqsTransport(Transport):
             else:
                 self._routes.pop(queue, None)
 
+    def visibility_for(self, held: float) -> int:
+        """The visibility timeout to set after holding a message ``held`` seconds: the usual step,
+        cut so the message never stays invisible past the ceiling (SQS refuses that)."""
+        return max(0, int(min(self.visibility_timeout, self.visibility_ceiling - held)))
+
     def dead_letter_url(self, route: _Route, queue: str) -> str:
         """``<queue>_rejected`` in the same account, created on first use."""
         name = dead_letter_queue(queue)
@@ -273,24 +291,29 @@ class SqsDelivery(Delivery):
         self._received = time.monotonic()
 
     def hold_until(self, done: threading.Event) -> None:
-        """Extend visibility every half timeout; halve the interval after a failure; stop near SQS's 12 h cap."""
+        """Extend visibility every half timeout; halve the interval after a failure; stop at the ceiling."""
         timeout = self._transport.visibility_timeout
         normal = timeout / 2
         shortest = max(timeout / 6, 0.5)
         interval = normal
         while not done.wait(interval):
-            if time.monotonic() - self._received >= self._transport.max_hold_seconds:
-                log.warning(
-                    "a message from %s has been held for %.0f s, near SQS's 12 h limit; it will become "
-                    "visible again to other runners while this run finishes",
+            held = time.monotonic() - self._received
+            if held >= self._transport.max_hold_seconds:
+                log.error(
+                    "a message from %s has been held for %.0f s, at SQS's visibility ceiling (%.0f s): it "
+                    "becomes visible to other runners again. This run goes on and stores its results; "
+                    "a copy taken meanwhile waits for it (its lease) and is then deleted as already done",
                     self.queue,
-                    time.monotonic() - self._received,
+                    held,
+                    self._transport.visibility_ceiling,
                 )
                 done.wait()
                 return
             try:
                 self._client.change_message_visibility(
-                    QueueUrl=self._route.url, ReceiptHandle=self._receipt, VisibilityTimeout=timeout
+                    QueueUrl=self._route.url,
+                    ReceiptHandle=self._receipt,
+                    VisibilityTimeout=self._transport.visibility_for(held),
                 )
                 interval = normal
             except (ClientError, BotoCoreError) as error:
