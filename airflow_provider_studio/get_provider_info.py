@@ -152,11 +152,16 @@ def get_provider_info() -> dict[str, Any]:
                         "default": "kubernetes",
                     },
                     "runner_image": {
-                        "description": "Container image of the studio-runner used for Kubernetes runs.",
+                        "description": (
+                            "Container image of the studio-runner for Kubernetes runs, required in "
+                            "that mode (no registry publishes one): build it with ``make image`` "
+                            "(``localhost/studio-runner:<version>``), push it to your registry and "
+                            "name it here. Environment variable: AIRFLOW__STUDIO__RUNNER_IMAGE."
+                        ),
                         "version_added": "0.1.0",
                         "type": "string",
-                        "example": "registry.example.com/studio-runner:0.1.0",
-                        "default": "ghcr.io/airflow-provider-studio/studio-runner:0.1.0",
+                        "example": "registry.example.com/studio/studio-runner:0.1.0",
+                        "default": "",
                     },
                     "artifacts_link_template": {
                         "description": (

@@ -6,6 +6,10 @@ is made with ``debootstrap --variant=minbase`` and imported as ``localhost/studi
 The suite is trixie (Python 3.13): bookworm's Python 3.11.2 lacks the tarfile extraction filters
 (PEP 706, Python 3.10.12+/3.11.4+) the runner unpacks archives with, and the Dockerfile refuses
 such a base. ``STUDIO_BASE_SUITE`` picks another suite.
+``--python 3.10`` builds on the oldest Python the runner supports instead, as the CUDA images
+(Ubuntu 22.04, Python 3.10) do; Ubuntu's archives are not reachable here, so the base is Debian
+bookworm without its own python3 (3.11.2, too old) plus this machine's pyenv-built 3.10.12+ tree
+(``devtools.pythons``) copied to ``/opt/python3.10``, with the shared libraries it links.
 Making it downloads ~40 MB and takes minutes, so the tarball is kept outside the repository
 (``/var/cache/studio-runner-image/``, ``STUDIO_IMAGE_CACHE`` to move it) and the imported image is
 reused while its recipe is unchanged. ``python -m devtools.image build`` is ``make image``.
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -28,7 +33,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from . import system
+from . import pythons, system
 
 REPO = Path(__file__).resolve().parent.parent
 CONTEXT = REPO / "runner_image"
@@ -48,6 +53,55 @@ BASE_IMAGE = f"localhost/studio-base:{SUITE}"
 RECIPE_LABEL = "io.studio-runner.base-recipe"
 RECIPE_VERSION = 2
 """Bump when the base is made differently; the cached tarball and image are then rebuilt."""
+OLDEST_PYTHON_SUITE = "bookworm"
+"""The suite the pyenv-built 3.10 tree links against (this machine's); its python3 is left out."""
+OLDEST_PYTHON_PREFIX = f"/opt/python{pythons.OLDEST}"
+OLDEST_PYTHON_PACKAGES = (
+    "ca-certificates", "passwd", "tini",
+    # what the tree's interpreter and lib-dynload link (ldd), less Tk: no workload needs tkinter
+    "libbz2-1.0", "libcrypt1", "libexpat1", "libffi8", "liblzma5", "libncursesw6", "libnsl2",
+    "libreadline8", "libsqlite3-0", "libssl3", "libtirpc3", "libuuid1", "zlib1g",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Base:
+    """What a base image is made of: a Debian suite, its packages, and optionally a Python tree."""
+
+    suite: str
+    packages: tuple[str, ...]
+    image: str
+    python_tree: Path | None = None
+    python_version: str = ""
+
+    def recipe(self) -> str:
+        """A short digest of everything that shapes the base; part of the tarball's name."""
+        parts: list[object] = [RECIPE_VERSION, self.suite, MIRROR, SECURITY_MIRROR, sorted(self.packages)]
+        if self.python_tree is not None:
+            parts += [self.python_version, OLDEST_PYTHON_PREFIX]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
+
+    def tarball(self) -> Path:
+        return CACHE_DIR / f"studio-base-{self.image.rsplit(':', 1)[1]}-{self.recipe()}.tar"
+
+
+DEFAULT_BASE = Base(SUITE, BASE_PACKAGES, BASE_IMAGE)
+
+
+def oldest_python_base() -> Base:
+    """Bookworm plus this machine's Python 3.10.12+ tree (:class:`pythons.MissingPython` if none)."""
+    found = pythons.oldest_python()
+    tree = found.path.resolve().parent.parent
+    if not (tree / "lib" / f"python{pythons.OLDEST}" / "ensurepip").is_dir():
+        raise ImageBuildError(f"{tree} is not a whole Python installation (no ensurepip): use a pyenv build")
+    return Base(
+        OLDEST_PYTHON_SUITE,
+        OLDEST_PYTHON_PACKAGES,
+        f"localhost/studio-base:{OLDEST_PYTHON_SUITE}-python{found.version}",
+        tree,
+        found.version,
+    )
+
 
 IMAGE_NAME = "localhost/studio-runner"
 SOURCE_URL = "https://github.com/airflow-provider-studio/airflow-provider-studio"
@@ -135,13 +189,12 @@ def _locked(name: str) -> Iterator[None]:
 
 # --- base -----------------------------------------------------------------------------------
 def recipe() -> str:
-    """A short digest of everything that shapes the base; part of the tarball's name."""
-    text = json.dumps([RECIPE_VERSION, SUITE, MIRROR, SECURITY_MIRROR, sorted(BASE_PACKAGES)])
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    """The default base's recipe digest."""
+    return DEFAULT_BASE.recipe()
 
 
 def base_tarball() -> Path:
-    return CACHE_DIR / f"studio-base-{SUITE}-{recipe()}.tar"
+    return DEFAULT_BASE.tarball()
 
 
 def _image_label(image: str, label: str) -> str | None:
@@ -156,38 +209,39 @@ def _image_label(image: str, label: str) -> str | None:
     return labels.get(label, "")
 
 
-def ensure_base(progress: Progress = _stderr, *, rebuild: bool = False) -> str:
-    """``localhost/studio-base:<suite>``, imported from the cached tarball or made first."""
+def ensure_base(progress: Progress = _stderr, *, rebuild: bool = False, base: Base = DEFAULT_BASE) -> str:
+    """``base.image`` (``localhost/studio-base:<suite>``), imported from the cached tarball or made first."""
     _tools()
     with _locked("base"):
-        if not rebuild and _image_label(BASE_IMAGE, RECIPE_LABEL) == recipe():
-            progress(f"==> base image {BASE_IMAGE} is present (recipe {recipe()})")
-            return BASE_IMAGE
-        tarball = base_tarball()
+        if not rebuild and _image_label(base.image, RECIPE_LABEL) == base.recipe():
+            progress(f"==> base image {base.image} is present (recipe {base.recipe()})")
+            return base.image
+        tarball = base.tarball()
         if rebuild or not tarball.exists():
-            _debootstrap(tarball, progress)
+            _debootstrap(tarball, progress, base)
         else:
             progress(f"==> reusing the cached root filesystem {tarball}")
+        python = f" + Python {base.python_version} in {OLDEST_PYTHON_PREFIX}" if base.python_tree else ""
         run_step(
             podman(
                 "import",
-                "--change", f"LABEL {RECIPE_LABEL}={recipe()}",
+                "--change", f"LABEL {RECIPE_LABEL}={base.recipe()}",
                 "--change", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                 "--change", "ENV LANG=C.UTF-8",
                 "--change", 'CMD ["/bin/bash"]',
-                "--message", f"debootstrap --variant=minbase {SUITE} + {' '.join(BASE_PACKAGES)}",
+                "--message", f"debootstrap --variant=minbase {base.suite} + {' '.join(base.packages)}{python}",
                 str(tarball),
-                BASE_IMAGE,
+                base.image,
             ),
-            f"podman import {tarball.name} as {BASE_IMAGE}",
+            f"podman import {tarball.name} as {base.image}",
             progress,
         )  # fmt: skip
-        return BASE_IMAGE
+        return base.image
 
 
-def _debootstrap(tarball: Path, progress: Progress) -> None:
+def _debootstrap(tarball: Path, progress: Progress, base: Base = DEFAULT_BASE) -> None:
     debootstrap = system.ensure("debootstrap", "debootstrap")
-    rootfs = CACHE_DIR / f"rootfs-{recipe()}.partial"
+    rootfs = CACHE_DIR / f"rootfs-{base.recipe()}.partial"
     if rootfs.exists():
         progress(f"==> removing an unfinished root filesystem {rootfs}")
         _remove_rootfs(rootfs)
@@ -196,20 +250,20 @@ def _debootstrap(tarball: Path, progress: Progress) -> None:
             [
                 debootstrap,
                 "--variant=minbase",
-                f"--include={','.join(BASE_PACKAGES)}",
+                f"--include={','.join(base.packages)}",
                 "--components=main",
-                SUITE,
+                base.suite,
                 str(rootfs),
                 MIRROR,
             ],
-            f"debootstrap --variant=minbase {SUITE} + {' '.join(BASE_PACKAGES)} (takes minutes)",
+            f"debootstrap --variant=minbase {base.suite} + {' '.join(base.packages)} (takes minutes)",
             progress,
         )
         (rootfs / "etc/apt/sources.list").unlink(missing_ok=True)
         (rootfs / "etc/apt/sources.list.d/debian.sources").write_text(
-            f"Types: deb\nURIs: {MIRROR}\nSuites: {SUITE} {SUITE}-updates\nComponents: main\n"
+            f"Types: deb\nURIs: {MIRROR}\nSuites: {base.suite} {base.suite}-updates\nComponents: main\n"
             "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n"
-            f"Types: deb\nURIs: {SECURITY_MIRROR}\nSuites: {SUITE}-security\nComponents: main\n"
+            f"Types: deb\nURIs: {SECURITY_MIRROR}\nSuites: {base.suite}-security\nComponents: main\n"
             "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
         )
         shutil.copy("/etc/resolv.conf", rootfs / "etc/resolv.conf")
@@ -219,10 +273,12 @@ def _debootstrap(tarball: Path, progress: Progress) -> None:
                 "apt-get update -q && apt-get -y -q --no-install-recommends dist-upgrade"
                 " && apt-get clean && rm -rf /var/lib/apt/lists/* /var/log/apt/* /var/log/dpkg.log",
             ],
-            f"security and point-release updates ({SUITE}-updates, {SUITE}-security)",
+            f"security and point-release updates ({base.suite}-updates, {base.suite}-security)",
             progress,
         )  # fmt: skip
         (rootfs / "etc/resolv.conf").write_text("")
+        if base.python_tree is not None:
+            _add_python_tree(rootfs, base, progress)
         partial = tarball.with_suffix(".tar.partial")
         run_step(
             [
@@ -234,11 +290,35 @@ def _debootstrap(tarball: Path, progress: Progress) -> None:
             progress,
         )  # fmt: skip
         partial.rename(tarball)
-        for old in CACHE_DIR.glob(f"studio-base-{SUITE}-*.tar"):
+        for old in CACHE_DIR.glob(f"studio-base-{base.image.rsplit(':', 1)[1]}-*.tar"):
             if old != tarball:
                 old.unlink()
     finally:
         _remove_rootfs(rootfs)
+
+
+def _add_python_tree(rootfs: Path, base: Base, progress: Progress) -> None:
+    """Copy the Python tree to a neutral prefix: it finds its stdlib from its own location, and
+    its libpython (whose RUNPATH names the build prefix) through an ld.so.conf entry."""
+    assert base.python_tree is not None
+    target = rootfs / OLDEST_PYTHON_PREFIX.lstrip("/")
+    progress(f"==> copying Python {base.python_version} from {base.python_tree} to {OLDEST_PYTHON_PREFIX}")
+    shutil.copytree(
+        base.python_tree, target, symlinks=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
+    (rootfs / "etc/ld.so.conf.d/python.conf").write_text(f"{OLDEST_PYTHON_PREFIX}/lib\n")
+    bin_dir = rootfs / "usr/local/bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for name in (f"python{pythons.OLDEST}", "python3", "python"):
+        (bin_dir / name).unlink(missing_ok=True)
+        (bin_dir / name).symlink_to(f"{OLDEST_PYTHON_PREFIX}/bin/python{pythons.OLDEST}")
+    run_step(
+        ["chroot", str(rootfs), "/bin/sh", "-ec",
+         "ldconfig && python3 -c 'import ssl, sqlite3, ctypes, lzma, bz2, venv, ensurepip, tarfile;"
+         " assert tarfile.data_filter; import sys; print(sys.version)'"],
+        f"Python {base.python_version} runs at {OLDEST_PYTHON_PREFIX} on {base.suite}'s libraries",
+        progress,
+    )  # fmt: skip
 
 
 def _remove_rootfs(rootfs: Path) -> None:
@@ -269,11 +349,23 @@ def build_image(
     base_image: str | None = None,
     tags: Sequence[str] = (),
     extra_args: Sequence[str] = (),
+    python: str | None = None,
 ) -> str:
-    """Build ``runner_image/`` and return the image ID; the local base is made when none is given."""
-    base = base_image or ensure_base(progress)
+    """Build ``runner_image/`` and return the image ID; the local base is made when none is given.
+
+    ``python="3.10"``: on the oldest-Python base, tagged ``<version>-python3.10``."""
+    if python is not None and python != pythons.OLDEST:
+        raise ImageBuildError(f"--python {python}: only {pythons.OLDEST} (the oldest supported) is offered")
+    if python and base_image:
+        raise ImageBuildError("--python and --base-image both choose the base; give one")
+    try:
+        chosen = oldest_python_base() if python else DEFAULT_BASE
+    except pythons.MissingPython as error:
+        raise ImageBuildError(str(error)) from None
+    base = base_image or ensure_base(progress, base=chosen)
     version = runner_version()
-    tags = tuple(tags) or (f"{IMAGE_NAME}:{version}", f"{IMAGE_NAME}:latest")
+    suffix = f"-python{python}" if python else ""
+    tags = tuple(tags) or (f"{IMAGE_NAME}:{version}{suffix}", f"{IMAGE_NAME}:latest{suffix}")
     revision = _git("rev-parse", "HEAD") or "unknown"
     if revision != "unknown" and _git("status", "--porcelain", "--", "runner_image"):
         revision += "-dirty"
@@ -319,13 +411,19 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument(
         "--tag", action="append", default=[], help="image name(s); default studio-runner:VERSION"
     )
+    build.add_argument(
+        "--python",
+        choices=[pythons.OLDEST],
+        help="build on the oldest supported Python (bookworm + this machine's pyenv 3.10.12+), "
+        "as the CUDA images have; tagged VERSION-pythonX.Y",
+    )
     args = parser.parse_args(argv)
     started = time.monotonic()
     try:
         if args.command == "base":
             ensure_base(rebuild=args.rebuild)
         else:
-            build_image(base_image=args.base_image, tags=args.tag)
+            build_image(base_image=args.base_image, tags=args.tag, python=args.python)
     except (ImageBuildError, system.SystemPackageError) as error:
         _stderr(f"error: {error}")
         return 1

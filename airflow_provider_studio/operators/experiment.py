@@ -147,7 +147,7 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
     :param env: (templated) the workload's environment (``config.env``), not the pod's.
     :param execution_mode: ``"kubernetes"`` or ``"local"``; default ``[studio] execution_mode``,
         read on the worker when the task runs.
-    :param runner_image: runner image; default ``[studio] runner_image``.
+    :param runner_image: runner image; default ``[studio] runner_image``, required in Kubernetes mode.
     :param runner_options: extra ``studio-runner run`` options, e.g. ``["--installer", "uv"]``.
     :param fail_on_experiment_error: False returns the summary of an experiment that did not
         succeed instead of failing the task. A runner that left no summary (pod never ran,

@@ -38,7 +38,15 @@ KUBERNETES = "kubernetes"
 LOCAL = "local"
 EXECUTION_MODES = (KUBERNETES, LOCAL)
 
-DEFAULT_RUNNER_IMAGE = "ghcr.io/airflow-provider-studio/studio-runner:0.1.0"
+DEFAULT_RUNNER_IMAGE = ""
+"""No default: no registry publishes the runner image. Build it (``make image``), push it to a
+registry the cluster pulls from, and name it in ``[studio] runner_image`` or ``runner_image``."""
+NO_RUNNER_IMAGE = (
+    "no runner image for Kubernetes mode: build it with `make image` (localhost/studio-runner:<version>), "
+    "push it to a registry your cluster pulls from (podman tag ... && podman push ...), then set "
+    "[studio] runner_image (AIRFLOW__STUDIO__RUNNER_IMAGE) or pass runner_image= to the operator; "
+    "or run locally with [studio] execution_mode = local"
+)
 XCOM_RESULT_FILE = "/airflow/xcom/return.json"
 """Where KPO's xcom sidecar reads the return value; the runner writes its summary there."""
 WORK_MOUNT = "/work"
@@ -94,7 +102,8 @@ class StudioRunnerPodOperator(KubernetesPodOperator):
     :param aws_conn_id: AWS connection whose keys a local runner gets in its environment.
     :param execution_mode: ``"kubernetes"`` or ``"local"``; default ``[studio] execution_mode``,
         read on the worker when the task runs.
-    :param runner_image: runner image; default ``[studio] runner_image``.
+    :param runner_image: runner image; default ``[studio] runner_image``. Kubernetes mode needs
+        one (there is no published default): a pod without it fails at once with what to do.
     :param runner_options: extra options for the runner command, after the operator's own.
     :param gpu_node_selector: node selector for GPU pods; default
         ``{"nvidia.com/gpu.present": "true"}``, ``{}`` for none.
@@ -142,9 +151,10 @@ class StudioRunnerPodOperator(KubernetesPodOperator):
         self._derived_pod_fields = frozenset(
             name for name in _DERIVABLE_POD_FIELDS if kwargs.get(name) is None
         )
-        kwargs.setdefault(
-            "image", runner_image or conf.get("studio", "runner_image", fallback=DEFAULT_RUNNER_IMAGE)
-        )
+        image = runner_image or conf.get("studio", "runner_image", fallback=DEFAULT_RUNNER_IMAGE)
+        kwargs.setdefault("image", image.strip() or None)
+        if execution_mode == KUBERNETES and not kwargs["image"]:
+            raise ValueError(NO_RUNNER_IMAGE)
         # no ``cmds``: the image's entrypoint (tini, then studio-runner) must stay PID 1 so
         # signals reach the runner and orphaned workload processes are reaped
         kwargs.setdefault("do_xcom_push", True)
@@ -171,7 +181,10 @@ class StudioRunnerPodOperator(KubernetesPodOperator):
     # --- the pod -----------------------------------------------------------------------------
 
     def build_pod_request_obj(self, context: Context | None = None, *, dry_run: bool = False) -> k8s.V1Pod:
-        """KPO's pod, after the parts that follow from rendered values are filled in."""
+        """KPO's pod, after the parts that follow from rendered values are filled in; a pod to
+        start needs an image (a dry run shows the rest)."""
+        if not dry_run and not (self.image or "").strip():
+            raise AirflowFailException(NO_RUNNER_IMAGE)
         self._shape_pod()
         return super().build_pod_request_obj(context, dry_run=dry_run)
 

@@ -16,7 +16,9 @@ import io
 import logging
 import lzma
 import os
+import platform
 import stat
+import sys
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -24,6 +26,25 @@ from pathlib import Path
 from typing import BinaryIO
 
 log = logging.getLogger(__name__)
+
+SUPPORTED_PYTHONS = "3.10.12+, 3.11.4+ or 3.12+"
+"""The Pythons with tarfile's extraction filters (PEP 706), which unpacking relies on."""
+
+
+def missing_extraction_filters() -> str | None:
+    """Why this interpreter cannot unpack untrusted archives safely, or None when it can.
+
+    ``requires-python`` keeps pip from installing the runner on such a Python, but distribution
+    builds and ``--ignore-requires-python`` get past it; the command checks again at start.
+    """
+    if hasattr(tarfile, "data_filter"):
+        return None
+    return (
+        f"this Python ({platform.python_version()}, {sys.executable}) lacks tarfile.data_filter, "
+        f"the extraction filters (PEP 706) the runner unpacks artifacts with; install studio-runner "
+        f"on Python {SUPPORTED_PYTHONS} (Debian 12's python3 3.11.2 is too old)"
+    )
+
 
 GZIP = "gz"
 BZIP2 = "bz2"

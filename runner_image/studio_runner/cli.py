@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import logs
 from .amqp_urls import with_password
+from .archive import missing_extraction_filters
 from .cache import DownloadCache
 from .envelope import RunnerKeyring, open_message
 from .experiment import ExperimentRunner
@@ -146,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    unsupported = missing_extraction_filters()  # before anything else: no folder, no log, no work
+    if unsupported:
+        print(f"studio-runner: error: {unsupported}", file=sys.stderr)
+        return EXIT_CODES[Status.INFRASTRUCTURE]
     args = build_parser().parse_args(argv)
     logs.configure(fmt=args.log_format, debug=args.debug)
     hide_runner_process()  # before any workload starts: they run as this user

@@ -107,3 +107,30 @@ def quantity(value: str | int | float) -> float:
     match = _QUANTITY.match(str(value))
     assert match, f"{value!r} is not a Kubernetes quantity this test understands"
     return float(match.group(1)) * _FACTORS[match.group(2)]
+
+
+def secret_references(pod_spec: dict[str, Any]) -> dict[str, set[str]]:
+    """Secret name → the keys a pod spec (as a dict) needs in it: ``secretKeyRef`` variables,
+    ``envFrom`` and Secret volumes (a whole-Secret reference names no key), init containers too."""
+    found: dict[str, set[str]] = {}
+    containers = [*(pod_spec.get("initContainers") or []), *(pod_spec.get("containers") or [])]
+    for container in containers:
+        for variable in container.get("env") or []:
+            reference = (variable.get("valueFrom") or {}).get("secretKeyRef")
+            if reference:
+                keys = found.setdefault(reference["name"], set())
+                if not reference.get("optional"):  # an optional key may be left out of the Secret
+                    keys.add(reference["key"])
+        for source in container.get("envFrom") or []:
+            if "secretRef" in source:
+                found.setdefault(source["secretRef"]["name"], set())
+    for volume in pod_spec.get("volumes") or []:
+        secret = volume.get("secret")
+        if secret:
+            keys = found.setdefault(secret["secretName"], set())
+            keys.update(item["key"] for item in secret.get("items") or [])
+        for source in (volume.get("projected") or {}).get("sources") or []:
+            if "secret" in source:
+                keys = found.setdefault(source["secret"]["name"], set())
+                keys.update(item["key"] for item in source["secret"].get("items") or [])
+    return found

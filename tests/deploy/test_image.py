@@ -7,11 +7,12 @@ machine pays for the base; unchanged layers come from podman's cache.
 Pod specs become podman containers here (``PodContainer``): command and args, env and envFrom
 (Secret references resolved to the test's values), emptyDir/ConfigMap/Secret volumes laid out as
 the kubelet lays them out, and the securityContext (user, read-only root, capabilities,
-no-new-privileges). Two pods run:
+no-new-privileges). Two pods run, in both images (the default and ``--python 3.10``):
 
 * ``StudioExperimentOperator``'s own pod (``build_pod_request_obj(dry_run=True)``), one experiment
   with exactly its command, arguments, environment and securityContext (a read-only root, UID
-  10001, emptyDirs on /work and /tmp), and tini as PID 1.
+  10001, emptyDirs on /work and /tmp), and tini as PID 1. Its summary, read from the xcom volume
+  as KPO's sidecar reads it, is what the operator's ``execute`` returns to XCom.
 * ``deploy/studio-runner``'s Deployment as written, serving a RabbitMQ queue, with the few
   overrides this host forces (listed in ``HOST_OVERRIDES``).
 """
@@ -35,7 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from studio_runner.envelope import seal
 
-from devtools import image
+from devtools import image, pythons
 from tests.broker import publish_like_client, unique_queue
 from tests.deploy.manifests import find, quantity, runner_container, runner_deployment
 from tests.polling import wait_for
@@ -66,10 +67,15 @@ with open("../modeldir/weights.txt", "w") as out:
 """
 
 
-@pytest.fixture(scope="session")
-def runner_image() -> str:
-    """The image ID; the base comes from the machine-wide cache, unchanged layers from podman's."""
-    return image.build_image()
+@pytest.fixture(scope="session", params=[None, pythons.OLDEST], ids=["default", f"python{pythons.OLDEST}"])
+def runner_image(request: pytest.FixtureRequest) -> str:
+    """The image ID, built on the default base (Debian trixie) and on the oldest supported Python
+    (``--python 3.10``: bookworm + a 3.10.13 tree, the CUDA images' Python); bases come from the
+    machine-wide cache, unchanged layers from podman's."""
+    try:
+        return image.build_image(python=request.param)
+    except image.ImageBuildError as error:
+        pytest.fail(str(error))
 
 
 def _inspect(image_id: str) -> dict[str, Any]:
@@ -108,6 +114,12 @@ class OperatorRun:
     log_tail: str
     summary: dict[str, Any] | None
     document: dict[str, Any] | None
+    operator: Any
+    """The StudioExperimentOperator whose pod ran."""
+    pod: dict[str, Any]
+    scratch: Path
+    """Where the pod's volumes live on this machine (the xcom emptyDir among them)."""
+    connection: dict[str, Any]
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +181,18 @@ def operator_run(
     tail = (result.stdout + result.stderr)[-6000:]
     result_file = container.volume_file(XCOM_RESULT_FILE)
     summary = json.loads(result_file.read_text()) if result_file.exists() else None
-    return OperatorRun(key, bucket, result.returncode, tail, summary, final_document(s3_client, bucket, key))
+    return OperatorRun(
+        key,
+        bucket,
+        result.returncode,
+        tail,
+        summary,
+        final_document(s3_client, bucket, key),
+        operator,
+        pod,
+        scratch,
+        connection,
+    )
 
 
 def test_the_operator_pod_runs_an_experiment(operator_run: OperatorRun, s3_client) -> None:
@@ -209,6 +232,58 @@ def test_tini_is_pid_1_in_the_operator_pod(operator_run: OperatorRun) -> None:
         "ENTRYPOINT (tini -- studio-runner). The operator must leave `cmds` unset (or start them "
         "with 'tini', '--')."
     )
+
+
+def test_the_operator_returns_the_summary_kpos_xcom_sidecar_reads(
+    operator_run: OperatorRun, runner_image: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pod contract KPO relies on: the runner's summary in ``/airflow/xcom/return.json`` of the
+    pod's xcom volume, read by the sidecar as ``PodManager.extract_xcom_json`` does (a shell in the
+    ``airflow-xcom-sidecar`` container, ``cat`` of the file), then KPO's ``extract_xcom`` (json)
+    and the operator's own ``execute``, whose return value is the task's XCom."""
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from airflow.providers.cncf.kubernetes.utils.pod_manager import EMPTY_XCOM_RESULT
+    from airflow.providers.cncf.kubernetes.utils.xcom_sidecar import PodDefaults
+
+    run = operator_run
+    assert run.returncode == 0, f"the runner's pod failed (exit {run.returncode}):\n{run.log_tail}"
+    spec = run.pod["spec"]
+    sidecar = next(c for c in spec["containers"] if c["name"] == PodDefaults.SIDECAR_CONTAINER_NAME)
+    base = next(c for c in spec["containers"] if c["name"] == "base")
+    xcom_volume = {m["name"] for m in base["volumeMounts"] if m["mountPath"] == PodDefaults.XCOM_MOUNT_PATH}
+    assert xcom_volume == {m["name"] for m in sidecar["volumeMounts"]}, (
+        "the runner writes where the sidecar reads"
+    )
+    command = (  # as PodManager.extract_xcom_json execs it in the sidecar
+        f"if [ -s {PodDefaults.XCOM_MOUNT_PATH}/return.json ]; "
+        f"then cat {PodDefaults.XCOM_MOUNT_PATH}/return.json; "
+        f"else echo {EMPTY_XCOM_RESULT}; fi"
+    )
+    reader = {**sidecar, "command": ["/bin/sh", "-c", command]}  # the sidecar's image (alpine) is not here
+    container = PodContainer({**spec, "containers": [reader]}, reader["name"], run.scratch)
+    argv, env = container.podman_run(runner_image)
+    read = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert read.returncode == 0, read.stderr
+    assert read.stdout.rstrip() != EMPTY_XCOM_RESULT, "the runner left no /airflow/xcom/return.json"
+
+    class SidecarRead:
+        """The pod manager's part of KPO's xcom read: what the exec into the sidecar printed."""
+
+        def extract_xcom(self, pod: Any, **kwargs: Any) -> str:
+            return read.stdout
+
+    operator = run.operator
+    monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", json.dumps(run.connection))
+    monkeypatch.setitem(operator.__dict__, "pod_manager", SidecarRead())
+    # KPO's cluster part (create, wait, clean up) happened above under podman; what it hands back
+    # is its own extract_xcom of the finished pod
+    monkeypatch.setattr(
+        KubernetesPodOperator, "execute_sync", lambda self, context: self.extract_xcom(pod=None)
+    )
+    returned = operator.execute({})
+    assert returned == json.loads(read.stdout) == run.summary
+    assert (returned["key"], returned["status"], returned["results_saved"]) == (run.key, "succeeded", True)
+    assert set(returned["artifacts"]) >= {"output", "modeldir"}, returned
 
 
 def _check_core_results(s3, bucket: str, key: str, document: dict[str, Any]) -> None:

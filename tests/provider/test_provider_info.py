@@ -128,7 +128,7 @@ def test_connection_form_comes_from_the_declaration():
 
 def test_config_defaults_and_environment_override(monkeypatch):
     assert conf.get("studio", "execution_mode") == "kubernetes"
-    assert conf.get("studio", "runner_image") == "ghcr.io/airflow-provider-studio/studio-runner:0.1.0"
+    assert conf.get("studio", "runner_image") == ""  # no published image: Kubernetes mode must name one
     template = conf.get("studio", "artifacts_link_template")
     assert "{bucket}" in template and "{prefix}" in template
     assert conf.get("studio", "local_working_dir") == ""
