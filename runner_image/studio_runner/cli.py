@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -34,6 +33,7 @@ from .pythonenv import VirtualenvCache
 from .request import RequestError
 from .resources import ResourcePool
 from .storage import Storage, StorageSettings
+from .summary import HandledExperiment, RunSummary, ServeSummary
 from .units import parse_duration, parse_size
 
 if TYPE_CHECKING:
@@ -264,7 +264,6 @@ def _run(args: argparse.Namespace) -> int:
         with logs.bound(experiment=request.key):
             log.info("running experiment %s", request.key)
             outcome = runner.run(request, cancel=cancel)
-    summary = outcome.summary()
     log.log(
         logging.INFO if outcome.status is Status.SUCCEEDED else logging.ERROR,
         "experiment %s %s%s",
@@ -273,8 +272,7 @@ def _run(args: argparse.Namespace) -> int:
         f": {outcome.reason}" if outcome.reason else "",
     )
     if args.result_file is not None:
-        args.result_file.parent.mkdir(parents=True, exist_ok=True)
-        args.result_file.write_text(json.dumps(summary, indent=1) + "\n")
+        RunSummary.from_outcome(outcome).write(args.result_file)
     return outcome.process_exit_code
 
 
@@ -325,7 +323,7 @@ def _serve(args: argparse.Namespace) -> int:
     if runner.cache is not None:
         metrics.watch_cache(runner.cache)
     wanted: dict[str, Any] = {}
-    handled: collections.deque[dict[str, Any]] = collections.deque(maxlen=SERVE_RESULT_EXPERIMENTS)
+    handled: collections.deque[HandledExperiment] = collections.deque(maxlen=SERVE_RESULT_EXPERIMENTS)
 
     def handle(body: bytes, queue: str, attempts: int, cancel: threading.Event) -> Outcome:
         with logs.bound(queue=queue):
@@ -333,7 +331,7 @@ def _serve(args: argparse.Namespace) -> int:
                 request = open_message(body, queue, keys, clear_text_allowed=args.clear_text_messages)
             except RequestError as error:
                 log.warning("rejecting a message from %s: %s", queue, error)
-                handled.append(_handled(None, queue, attempts, Status.INVALID, str(error)))
+                handled.append(HandledExperiment.of(None, queue, attempts, Status.INVALID, str(error)))
                 return Outcome(Status.INVALID, reason=str(error))
             wanted[queue] = request.experiment.resources_needed
             redelivered = current_delivery_redelivered()
@@ -366,7 +364,7 @@ def _serve(args: argparse.Namespace) -> int:
                     outcome.status.value,
                     f": {outcome.reason}" if outcome.reason else "",
                 )
-                handled.append(_handled(request.key, queue, attempts, outcome.status, outcome.reason))
+                handled.append(HandledExperiment.of(request.key, queue, attempts, outcome.status, outcome.reason))
                 return outcome
 
     service = Service(
@@ -394,25 +392,15 @@ def _serve(args: argparse.Namespace) -> int:
         transport.close()
     log.info("stopped (%s): %s", summary.ended_by, summary.statuses)
     if args.result_file is not None:
-        result = {
-            "ended_by": summary.ended_by,
-            "handled": summary.handled,
-            "statuses": summary.statuses,
-            "settle_failures": summary.settle_failures,
-            "abandoned": summary.abandoned,
-            "experiments": list(handled),
-        }
-        args.result_file.parent.mkdir(parents=True, exist_ok=True)
-        args.result_file.write_text(json.dumps(result, indent=1) + "\n")
+        ServeSummary(
+            ended_by=summary.ended_by,
+            handled=summary.handled,
+            statuses=summary.statuses,
+            settle_failures=summary.settle_failures,
+            abandoned=summary.abandoned,
+            experiments=list(handled),
+        ).write(args.result_file)
     return 0
-
-
-def _handled(key: str | None, queue: str, attempt: int, status: Status, reason: str | None) -> dict[str, Any]:
-    """One line of ``serve --result-file``: which experiment, from where, and how it ended."""
-    entry: dict[str, Any] = {"key": key, "queue": queue, "attempt": attempt, "status": status.value}
-    if reason:
-        entry["reason"] = reason if len(reason) <= 300 else reason[:299] + "…"
-    return entry
 
 
 def _with_password(amqp_url: str, password: str) -> str:
