@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shlex
-import tempfile
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-from airflow.providers.cncf.kubernetes.backcompat.backwards_compat_converters import convert_env_vars
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.sdk import Context
-from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from kubernetes.client import models as k8s
 from studio_runner.outcome import Status
 from studio_runner.request import Request, RequestError
+from studio_runner.summary import RunSummary
 
 from airflow_provider_studio.experiment_request import (
     ExperimentSpec,
@@ -36,31 +33,15 @@ from airflow_provider_studio.experiment_request import (
 )
 from airflow_provider_studio.hooks.message_keys import MessageKeys, MessageKeysError, StudioMessageKeysHook
 from airflow_provider_studio.links.experiment import StudioArtifactsLink
-from airflow_provider_studio.operators.local_runner import local_command, read_summary
-from airflow_provider_studio.operators.runner_pod import (  # noqa: F401  (re-exported: public names)
+from airflow_provider_studio.operators.runner_pod import (
     DEFAULT_CREDENTIALS_SECRET,
-    DEFAULT_CREDENTIALS_SECRET_KEYS,
-    DEFAULT_GPU_NODE_SELECTOR,
-    DEFAULT_GPU_TOLERATIONS,
     DEFAULT_REQUEST_SIGNERS_SECRET,
-    DEFAULT_RUNNER_IMAGE,
     DEFAULT_RUNNER_KEY_SECRET,
-    EXECUTION_MODES,
-    GPU_RESOURCE,
-    KUBERNETES,
-    LOCAL,
     RUNNER_GID,
-    SHM_VOLUME,
-    WORK_MOUNT,
-    WORK_VOLUME,
-    XCOM_RESULT_FILE,
     StudioRunnerPodOperator,
-    kubernetes_quantity,
     message_key_arguments,
     message_key_mounts,
     message_key_volumes,
-    pod_arguments,
-    pod_resources,
 )
 
 MAX_POD_REQUEST_BYTES = 127 * 1024
@@ -220,6 +201,8 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
     ui_color = "#d9ecd0"
     ui_fgcolor = "#1f3b12"
     local_reserved_env = _RUNNER_OPTION_ENV
+    runner_subcommand = "run"
+    summary_type = RunSummary
 
     def __init__(
         self,
@@ -273,7 +256,6 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
         self.studio_request: dict[str, Any] | None = None
         """The request that ran (set when the task runs; shown under Rendered Templates)."""
 
-        kwargs.setdefault("arguments", pod_arguments("run", *runner_options))
         super().__init__(
             resources_needed=resources_needed,
             aws_conn_id=aws_conn_id,
@@ -289,8 +271,6 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
             **kwargs,
         )
         self._s3_endpoint: S3Endpoint | None = None
-        self._summary: dict[str, Any] | None = None
-        self._concluded: dict[str, Any] | None = None
         self.message_keys_conn_id = message_keys_conn_id
         self.runner_key_secret = runner_key_secret
         self.request_signers_secret = request_signers_secret
@@ -376,108 +356,72 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
 
     # --- running -----------------------------------------------------------------------------
 
-    def execute(self, context: Context) -> Any:
-        self._summary = self._concluded = None
-        mode = self._mode()
-        request = self.prepare_request(context)
-        if mode == LOCAL:
-            return self._conclude(self._run_locally(request), context)
-        try:
-            result = super().execute(context)
-        except AirflowSkipException:
-            raise
-        except AirflowException as error:
-            return self._after_pod_failure(error, context)
-        if result is None and self._concluded is not None:
-            # deferrable, and the pod had already ended: KPO re-entered inline and returned nothing
-            return self._concluded
-        return self._conclude(result, context)
+    def prepare_run(self, context: Context) -> None:
+        self.prepare_request(context)
 
     def trigger_reentry(self, context: Context, event: dict[str, Any]) -> Any:
-        """The deferrable path's end: the same verdict on the summary as ``execute``."""
-        self._summary = None
-        self._experiment_key(context)
-        try:
-            result = super().trigger_reentry(context, event)
-        except AirflowSkipException:
-            raise
-        except AirflowException as error:
-            return self._after_pod_failure(error, context)
-        return self._conclude(result, context)
+        self._experiment_key(context)  # a fresh operator: the key (and the context's) again
+        return super().trigger_reentry(context, event)
 
-    def extract_xcom(self, pod: k8s.V1Pod, *args: Any, **kwargs: Any) -> dict[Any, Any] | None:
-        """KPO's read of the runner's summary, kept so a failed pod can still be judged by it."""
-        result = super().extract_xcom(pod, *args, **kwargs)
-        self._summary = result if isinstance(result, dict) else None
-        return result
+    def describe_run(self) -> str:
+        return f"experiment {self.experiment_key}"
 
-    def _after_pod_failure(self, error: AirflowException, context: Context) -> Any:
-        """The pod failed: with the runner's summary the verdict is the runner's, else KPO's error."""
-        if self._summary is None:
-            raise error
-        # KPO has already pushed the summary to XCom on its failure path.
-        return self._conclude(self._summary, context, cause=error, pushed=True)
-
-    def _conclude(
-        self,
-        summary: Any,
-        context: Context,
-        *,
-        cause: BaseException | None = None,
-        pushed: bool = False,
-    ) -> Any:
-        if summary is None and not self.do_xcom_push:
-            return None  # no sidecar, no summary: the pod's exit status was the verdict
-        if not isinstance(summary, dict) or "status" not in summary:
-            raise AirflowException(
-                f"studio-runner left no result summary for experiment {self.experiment_key} "
-                "(its log above says why)"
-            ) from cause
-        self._concluded = summary
-        status = summary.get("status")
-        key = summary.get("key") or self.experiment_key
-        if status == Status.SUCCEEDED.value and summary.get("results_saved", True) is not False:
+    def conclude(self, summary: RunSummary, context: Context, *, cause: BaseException | None = None) -> Any:
+        """The summary when the experiment succeeded (or failures are tolerated); else the
+        runner's reason fails the task, without retries for a refused request."""
+        value = summary.to_value()
+        key = summary.key or self.experiment_key
+        if summary.succeeded:
             self.log.info(
                 "experiment %s succeeded in %ss; results: %s",
                 key,
-                summary.get("duration_seconds"),
-                ", ".join(sorted(summary.get("artifacts") or {})) or "none",
+                summary.duration_seconds,
+                ", ".join(sorted(summary.artifacts)) or "none",
             )
-            return summary
-        reason = summary.get("reason") or f"exit code {summary.get('exit_code')}"
-        message = f"experiment {key} {status}: {reason}"
+            return value
+        reason = summary.reason or f"exit code {summary.exit_code}"
+        message = f"experiment {key} {summary.status.value}: {reason}"
         if not self.fail_on_experiment_error:
             self.log.warning("%s; returning its summary (fail_on_experiment_error=False)", message)
-            return summary
-        if not pushed and context.get("ti") is not None:
+            return value
+        if cause is None and context.get("ti") is not None:
             # as KPO does on a failed pod: the summary stays readable in XCom
-            context["ti"].xcom_push(key="return_value", value=summary)
-        error_class = StudioRequestRefused if status == Status.INVALID.value else StudioExperimentFailed
-        raise error_class(message, summary) from cause
+            context["ti"].xcom_push(key="return_value", value=value)
+        error_class = StudioRequestRefused if summary.status is Status.INVALID else StudioExperimentFailed
+        raise error_class(message, value) from cause
 
     # --- the pod -----------------------------------------------------------------------------
 
-    def _shape_pod(self) -> None:
-        """The common runner pod, plus the request in ``REQUEST_JSON`` and what S3 needs."""
-        super()._shape_pod()
-        env = list(convert_env_vars(self.env_vars or []))
-        names = {variable.name for variable in env}
-        if self._request_json is not None and "REQUEST_JSON" not in names:
-            request_json = self._request_json
-            if len(request_json.encode()) > MAX_POD_REQUEST_BYTES:
-                raise AirflowFailException(
-                    f"the request is {len(request_json.encode())} bytes, more than one environment "
-                    f"variable can hold ({MAX_POD_REQUEST_BYTES}); shorten pythonenv, env or args"
-                )
-            env.append(k8s.V1EnvVar(name="REQUEST_JSON", value=request_json))
+    def subcommand_options(self, *, kubernetes: bool) -> list[str]:
         endpoint = self._s3_endpoint
-        if endpoint is not None and endpoint.region and "AWS_DEFAULT_REGION" not in names:
-            env.append(k8s.V1EnvVar(name="AWS_DEFAULT_REGION", value=endpoint.region))
-        self.env_vars = env
-        if endpoint is not None and endpoint.https and "--s3-https" not in self.arguments:
-            self.arguments = [*self.arguments, "--s3-https"]
-        if self.experiment_key:
-            self.annotations = {**(self.annotations or {}), "studioml/experiment-key": self.experiment_key}
+        options = ["--s3-https"] if endpoint is not None and endpoint.https else []
+        if kubernetes:  # the request is in REQUEST_JSON
+            return [*options, *(message_key_arguments() if self.message_keys_conn_id else [])]
+        # no GPU asked for: no GPU probe (and its warning) on a CPU worker
+        cpu_only = [] if self._resources().cards else ["--cpu-only"]
+        return ["--request", "-", *options, *cpu_only]
+
+    def runner_region(self) -> str | None:
+        return self._s3_endpoint.region if self._s3_endpoint is not None else None
+
+    def pod_environment(self) -> dict[str, str]:
+        """The request (or its sealed envelope) in ``REQUEST_JSON``."""
+        if self._request_json is None:
+            return {}
+        size = len(self._request_json.encode())
+        if size > MAX_POD_REQUEST_BYTES:
+            raise AirflowFailException(
+                f"the request is {size} bytes, more than one environment variable can hold "
+                f"({MAX_POD_REQUEST_BYTES}); shorten pythonenv, env or args"
+            )
+        return {"REQUEST_JSON": self._request_json}
+
+    def pod_annotations(self) -> dict[str, str]:
+        return {"studioml/experiment-key": self.experiment_key} if self.experiment_key else {}
+
+    def _shape_pod(self) -> None:
+        """The common runner pod, plus the runner's key and signers for a sealed request."""
+        super()._shape_pod()
         if self.message_keys_conn_id:
             self._mount_message_keys()
 
@@ -490,8 +434,6 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
         mounts = list(self.volume_mounts or [])
         names = {mount.name for mount in mounts}
         self.volume_mounts = mounts + [mount for mount in message_key_mounts() if mount.name not in names]
-        if "--encrypt-dir" not in self.arguments:
-            self.arguments = [*self.arguments, *message_key_arguments()]
         if not self.security_context:
             # the Secret's 0440 files belong to this group, as in deploy/
             self.security_context = k8s.V1PodSecurityContext(fs_group=RUNNER_GID)
@@ -506,43 +448,17 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
 
     # --- local mode --------------------------------------------------------------------------
 
-    def _run_locally(self, request: Request) -> dict[str, Any] | None:
-        """``studio-runner run --request -`` on this worker; the summary from its result file."""
-        endpoint = self._s3_endpoint
-        assert endpoint is not None, "prepare_request() sets the endpoint"
-        with tempfile.TemporaryDirectory(prefix="studio-result-") as scratch:
-            result_file = Path(scratch) / "summary.json"
-            command = local_command(
-                "run",
-                result_file,
-                "--request",
-                "-",
-                *(["--s3-https"] if endpoint.https else []),
-                # no GPU asked for: no GPU probe (and its warning) on a CPU worker
-                *([] if request.experiment.resources_needed.cards else ["--cpu-only"]),
-                *self.runner_options,
-            )
-            self.log.info("running %s", shlex.join(command))
-            env = self._local_environment(endpoint)
-            stdin = (self._request_json or request.to_json()).encode()
-            with contextlib.ExitStack() as stack:
-                if self.message_keys_conn_id:
-                    try:
-                        encrypt_dir, signers_dir = stack.enter_context(self._keys().local_runner_folders())
-                    except MessageKeysError as error:
-                        raise AirflowFailException(str(error)) from None
-                    # in the environment, not the command line: the runner hides its environment
-                    # from workloads, while any process can read its command line
-                    env["ENCRYPT_DIR"], env["REQUEST_SIGNATURES_DIR"] = str(encrypt_dir), str(signers_dir)
-                runner = self._run_local_runner(command, env, stdin=stdin)
-            summary = read_summary(result_file)
-        if summary is None:
-            raise AirflowException(
-                f"studio-runner exited with status {runner.process.returncode if runner.process else '?'} "
-                f"without a result summary; its last log lines:\n{runner.last_lines()}"
-            )
-        return summary
-
-    def _local_environment(self, endpoint: S3Endpoint) -> dict[str, str]:
-        """The local runner's environment: the connection's keys, the store's region, no Airflow settings."""
-        return self._local_runner_environment(endpoint.region)
+    @contextlib.contextmanager
+    def local_inputs(self, env: dict[str, str]) -> Iterator[bytes | None]:
+        """The request on stdin; for a sealed one, the runner's key in private folders."""
+        with contextlib.ExitStack() as stack:
+            if self.message_keys_conn_id:
+                try:
+                    encrypt_dir, signers_dir = stack.enter_context(self._keys().local_runner_folders())
+                except MessageKeysError as error:
+                    raise AirflowFailException(str(error)) from None
+                # in the environment, not the command line: the runner hides its environment
+                # from workloads, while any process can read its command line
+                env["ENCRYPT_DIR"], env["REQUEST_SIGNATURES_DIR"] = str(encrypt_dir), str(signers_dir)
+            assert self._request_json is not None, "prepare_request() sets the request"
+            yield self._request_json.encode()

@@ -34,14 +34,6 @@ class _Summary(BaseModel):
         except ValidationError as error:
             raise ValueError(f"not a {cls.__name__}: {error}") from None
 
-    @classmethod
-    def read(cls, path: Path) -> Any:
-        """The summary a runner left in ``path``; None if it left none or an unreadable one."""
-        try:
-            return cls.from_value(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            return None
-
     def to_value(self) -> dict[str, Any]:
         """The JSON object as written and pushed to XCom."""
         return self.model_dump(mode="json", exclude_unset=True)
