@@ -97,9 +97,6 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
     runner's virtualenv cache lives in ``[studio] local_cache_dir`` (default
     ``$AIRFLOW_HOME/studio-runner/cache``), so it is built once per requirements set.
 
-    The pod's shape, the execution modes and the local child process are shared with the other
-    runner operators in :class:`~airflow_provider_studio.operators.runner_pod.StudioRunnerPodOperator`.
-
     :param script: (templated) file in the workspace to run.
     :param module: (templated) or a module to run with ``python -m``.
     :param args: (templated) arguments, each shell-quoted as ``studio run`` does; a string is
@@ -122,25 +119,13 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
     :param lifetime: (templated) ``experimentLifetime``: give up on the work after this long.
     :param project: (templated) StudioML project.
     :param env: (templated) the workload's environment (``config.env``), not the pod's.
-    :param execution_mode: ``"kubernetes"`` or ``"local"``; default ``[studio] execution_mode``,
-        read on the worker when the task runs.
-    :param runner_image: runner image; default ``[studio] runner_image``.
-    :param runner_options: extra ``studio-runner run`` options, e.g. ``["--installer", "uv"]``.
     :param fail_on_experiment_error: False returns the summary of an experiment that did not
         succeed instead of failing the task. A runner that left no summary (pod never ran,
         runner crashed) still fails the task.
-    :param gpu_node_selector: node selector for GPU experiments; default
-        ``{"nvidia.com/gpu.present": "true"}``, ``{}`` for none. Ignored without GPUs or when
-        ``node_selector`` is given.
-    :param gpu_tolerations: tolerations for GPU experiments; default ``nvidia.com/gpu`` Exists
-        NoSchedule. Ignored without GPUs or when ``tolerations`` is given.
     :param s3_credentials_secret: Kubernetes Secret holding the runner's S3 keys; None when the
         pod gets them otherwise (IRSA, instance role).
     :param s3_credentials_secret_keys: pod variable → key in that Secret; default
         ``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY`` under the same names.
-    :param shm_size: size limit of the memory-backed ``/dev/shm`` (e.g. ``"8Gi"``); default none.
-    :param local_kill_grace_period: local mode: seconds between SIGTERM (the runner stops the
-        workload and uploads what it has) and SIGKILL when the task is killed.
     :param message_keys_conn_id: a ``studio_message_keys`` connection: the request is then
         encrypted for the runner's RSA key and signed with the connection's Ed25519 key, so
         ``REQUEST_JSON`` in the pod spec holds only the envelope and the rendered
@@ -153,6 +138,11 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
         ``ssh-passphrase`` (deploy/'s ``studio-runner-message-key``).
     :param request_signers_secret: Kubernetes Secret with the trusted signers' ``ssh-ed25519``
         public keys, one per file (deploy/'s ``studio-runner-request-signers``).
+
+    The remaining arguments (``execution_mode``, ``runner_image``, ``runner_options`` such as
+    ``["--installer", "uv"]``, ``gpu_node_selector``, ``gpu_tolerations``, ``shm_size``,
+    ``local_kill_grace_period``) are
+    :class:`~airflow_provider_studio.operators.runner_pod.StudioRunnerPodOperator`'s.
 
     Mapped experiments read best with ``map_index_template``; the operator puts the key in the
     context as ``experiment_key``::
@@ -214,25 +204,16 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
         inputs: Mapping[str, str] | None = None,
         experiment_key: str | None = None,
         results_bucket: str | None = None,
-        aws_conn_id: str | None = "aws_default",
         pythonver: str | None = None,
         pythonenv: Sequence[str] | None = None,
         pip: Sequence[str] | None = None,
-        resources_needed: Mapping[str, Any] | None = None,
         max_duration: str | float | None = None,
         lifetime: str | float | None = None,
         project: str | None = None,
         env: Mapping[str, Any] | None = None,
-        execution_mode: str | None = None,
-        runner_image: str | None = None,
-        runner_options: Sequence[str] = (),
         fail_on_experiment_error: bool = True,
-        gpu_node_selector: Mapping[str, str] | None = None,
-        gpu_tolerations: Sequence[k8s.V1Toleration | Mapping[str, Any]] | None = None,
         s3_credentials_secret: str | None = DEFAULT_CREDENTIALS_SECRET,
         s3_credentials_secret_keys: Mapping[str, str] | None = None,
-        shm_size: str | None = None,
-        local_kill_grace_period: float = 60.0,
         message_keys_conn_id: str | None = None,
         runner_key_secret: str = DEFAULT_RUNNER_KEY_SECRET,
         request_signers_secret: str = DEFAULT_REQUEST_SIGNERS_SECRET,
@@ -257,17 +238,8 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
         """The request that ran (set when the task runs; shown under Rendered Templates)."""
 
         super().__init__(
-            resources_needed=resources_needed,
-            aws_conn_id=aws_conn_id,
-            execution_mode=execution_mode,
-            runner_image=runner_image,
-            runner_options=runner_options,
-            gpu_node_selector=gpu_node_selector,
-            gpu_tolerations=gpu_tolerations,
             aws_credentials_secret=s3_credentials_secret,
             aws_credentials_secret_keys=s3_credentials_secret_keys,
-            shm_size=shm_size,
-            local_kill_grace_period=local_kill_grace_period,
             **kwargs,
         )
         self._s3_endpoint: S3Endpoint | None = None
