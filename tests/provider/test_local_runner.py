@@ -65,14 +65,8 @@ def test_stop_sends_sigterm_and_the_runner_saves_its_work(tmp_path: Path) -> Non
         f"pathlib.Path({str(started)!r}).write_text('1')\n"
         "time.sleep(600)\n"
     )
-    runner = child(script)
-    codes: list[int] = []
-    worker = threading.Thread(target=lambda: codes.append(runner.run()))
-    worker.start()
-    wait_for(started)
-    runner.stop()
-    worker.join(60)
-    assert codes == [6] and saved.read_text() == "saved"
+    assert stopped_once_started(child(script), started) == 6
+    assert saved.read_text() == "saved"
 
 
 def test_a_runner_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path: Path) -> None:
@@ -83,14 +77,7 @@ def test_a_runner_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path
         f"pathlib.Path({str(started)!r}).write_text('1')\n"
         "time.sleep(600)\n"
     )
-    runner = child(script, grace=0.5)
-    codes: list[int] = []
-    worker = threading.Thread(target=lambda: codes.append(runner.run()))
-    worker.start()
-    wait_for(started)
-    runner.stop()
-    worker.join(60)
-    assert codes == [-9]
+    assert stopped_once_started(child(script, grace=0.5), started) == -9
 
 
 def test_the_worker_environment_loses_airflow_settings_and_reserved_options(
@@ -142,9 +129,16 @@ def test_a_result_file_that_is_missing_or_not_an_object_reads_as_none(tmp_path: 
     assert read_summary(tmp_path / "torn.json") is None
 
 
-def wait_for(path: Path) -> None:
-    """Until a child has written ``path`` (it is then running its signal handlers)."""
+def stopped_once_started(runner: LocalRunnerProcess, started: Path) -> int | None:
+    """Run ``runner`` in a thread, stop it once it has written ``started`` (its signal handlers
+    are set by then); its exit status."""
+    codes: list[int] = []
+    worker = threading.Thread(target=lambda: codes.append(runner.run()))
+    worker.start()
     deadline = time.monotonic() + 60
-    while not path.exists():
-        assert time.monotonic() < deadline, f"the child never wrote {path}"
+    while not started.exists():
+        assert time.monotonic() < deadline, f"the child never wrote {started}"
         time.sleep(0.05)
+    runner.stop()
+    worker.join(60)
+    return codes[0] if codes else None
