@@ -28,6 +28,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from studio_runner.metadata import SCRAPE_FILE_PREFIX, parse_scrape_file_name
 from studio_runner.outcome import Status
 from studio_runner.s3_uris import S3_SCHEMES, parse_qualified_s3_uri, parse_s3_uri, s3_uri
+from studio_runner.summary import RunSummary
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +120,24 @@ def scrape_location(uri: str) -> str:
     return s3_uri(bucket, key)
 
 
+def scrape_document(summary: Mapping[str, Any]) -> str | None:
+    """``s3://bucket/key`` (or ``file:///path``) of a runner summary's scrape document, None if none.
+
+    A summary names the document's bucket and key (``RunSummary.scrape_bucket``/``scrape_key``);
+    only one from a runner that predates them is read by its ``scrape_uri``'s shape.
+    """
+    bucket, key = summary.get("scrape_bucket"), summary.get("scrape_key")
+    if isinstance(key, str) and key:
+        return s3_uri(bucket, key) if isinstance(bucket, str) and bucket else f"file://{key}"
+    uri = summary.get("scrape_uri")
+    if not uri:
+        return None
+    try:
+        return scrape_location(uri)
+    except ValueError as error:
+        raise ValueError(f"scrape_uri {error}") from None
+
+
 # --- what was asked for ----------------------------------------------------------------------
 
 
@@ -128,11 +147,11 @@ class Wanted:
 
     key: str
     scrape_uri: str | None = None
-    summary: Mapping[str, Any] | None = None
+    summary: RunSummary | None = None
 
 
 def wanted_from(experiments: Any) -> list[Wanted]:
-    """Keys, runner summaries (``Outcome.summary()``), or a mix, possibly nested one level.
+    """Keys, runner summaries (``RunSummary``), or a mix, possibly nested one level.
 
     The XCom of mapped tasks arrives as a lazy sequence, and a list holding such an XComArg
     next to plain keys arrives nested, so one level of nesting is flattened. ``None`` entries
@@ -162,20 +181,19 @@ def wanted_from(experiments: Any) -> list[Wanted]:
             else:
                 problems.append(f"experiments[{position}] is an empty key")
         elif isinstance(item, Mapping):
-            uri = item.get("scrape_uri")
             key = item.get("key")
-            if uri:
-                try:
-                    uri = scrape_location(uri)
-                except ValueError as error:
-                    problems.append(f"experiments[{position}] (key {key!r}): scrape_uri {error}")
-                    continue
+            try:
+                uri = scrape_document(item)
+                summary = RunSummary.from_value(dict(item)) if "status" in item else None
+            except ValueError as error:
+                problems.append(f"experiments[{position}] (key {key!r}): {error}")
+                continue
             if not uri and not (isinstance(key, str) and key):
                 problems.append(
                     f"experiments[{position}] is a dict with neither a scrape_uri nor a key: {_clip(item)}"
                 )
                 continue
-            wanted.append(Wanted(key=str(key or ""), scrape_uri=uri or None, summary=dict(item)))
+            wanted.append(Wanted(key=str(key or ""), scrape_uri=uri, summary=summary))
         else:
             problems.append(
                 f"experiments[{position}] is a {type(item).__name__}; expected an experiment key "
@@ -690,23 +708,23 @@ class ScrapeCollector:
         usable = (
             attempt if attempt is not None and attempt.problem is None and attempt.key is not None else None
         )
-        summary = item.summary or {}
+        summary = item.summary
         status: str | None
         if usable is not None:
             status = usable.status or ("completed" if usable.complete else "running")
         else:
-            status = summary.get("status")
+            status = summary.status.value if summary is not None else None
         row: dict[str, Any] = {
             "key": item.key or (usable.key if usable else ""),
             "status": status,
             "exit_code": usable.exit_code
             if usable and usable.exit_code is not None
-            else summary.get("exit_code"),
+            else (summary.exit_code if summary is not None else None),
             "attempts": outcome.attempts,
             "scrape_uri": attempt.uri if attempt is not None else item.scrape_uri,
             "artifacts": dict(usable.artifacts)
             if usable and usable.artifacts
-            else dict(summary.get("artifacts") or {}),
+            else dict(summary.artifacts if summary is not None else {}),
         }
         for path in self.fields:
             row[path] = usable.values.get(path) if usable else None

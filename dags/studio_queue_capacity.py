@@ -43,9 +43,9 @@ from typing import Any
 from airflow.sdk import DAG, Param, TriggerRule, task
 from airflow.sdk.exceptions import AirflowException
 
+from airflow_provider_studio.hooks.queue import queue_backend
 from airflow_provider_studio.operators.queue_runner import StudioQueueRunnerOperator, exactly
 from airflow_provider_studio.sensors.queue import StudioQueueSensor
-from airflow_provider_studio.triggers.queue import queue_backend
 
 RABBITMQ_CONN_ID = "studio_rabbitmq_default"
 AWS_CONN_ID = "aws_default"

@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shlex
-import tempfile
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-from airflow.providers.cncf.kubernetes.backcompat.backwards_compat_converters import convert_env_vars
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.sdk import Context
-from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from kubernetes.client import models as k8s
 from studio_runner.outcome import Status
 from studio_runner.request import Request, RequestError
+from studio_runner.summary import RunSummary
 
 from airflow_provider_studio.experiment_request import (
     ExperimentSpec,
@@ -40,31 +37,15 @@ from airflow_provider_studio.hooks.message_keys import (
     StudioMessageKeysHook,
 )
 from airflow_provider_studio.links.experiment import StudioArtifactsLink
-from airflow_provider_studio.operators.local_runner import local_command, read_summary
-from airflow_provider_studio.operators.runner_pod import (  # noqa: F401  (re-exported: public names)
+from airflow_provider_studio.operators.runner_pod import (
     DEFAULT_CREDENTIALS_SECRET,
-    DEFAULT_CREDENTIALS_SECRET_KEYS,
-    DEFAULT_GPU_NODE_SELECTOR,
-    DEFAULT_GPU_TOLERATIONS,
     DEFAULT_REQUEST_SIGNERS_SECRET,
-    DEFAULT_RUNNER_IMAGE,
     DEFAULT_RUNNER_KEY_SECRET,
-    EXECUTION_MODES,
-    GPU_RESOURCE,
-    KUBERNETES,
-    LOCAL,
     RUNNER_GID,
-    SHM_VOLUME,
-    WORK_MOUNT,
-    WORK_VOLUME,
-    XCOM_RESULT_FILE,
     StudioRunnerPodOperator,
-    kubernetes_quantity,
     message_key_arguments,
     message_key_mounts,
     message_key_volumes,
-    pod_arguments,
-    pod_resources,
 )
 
 MAX_POD_REQUEST_BYTES = 127 * 1024
@@ -120,9 +101,6 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
     runner's virtualenv cache lives in ``[studio] local_cache_dir`` (default
     ``$AIRFLOW_HOME/studio-runner/cache``), so it is built once per requirements set.
 
-    The pod's shape, the execution modes and the local child process are shared with the other
-    runner operators in :class:`~airflow_provider_studio.operators.runner_pod.StudioRunnerPodOperator`.
-
     :param script: (templated) file in the workspace to run.
     :param module: (templated) or a module to run with ``python -m``.
     :param args: (templated) arguments, each shell-quoted as ``studio run`` does; a string is
@@ -145,25 +123,13 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
     :param lifetime: (templated) ``experimentLifetime``: give up on the work after this long.
     :param project: (templated) StudioML project.
     :param env: (templated) the workload's environment (``config.env``), not the pod's.
-    :param execution_mode: ``"kubernetes"`` or ``"local"``; default ``[studio] execution_mode``,
-        read on the worker when the task runs.
-    :param runner_image: runner image; default ``[studio] runner_image``, required in Kubernetes mode.
-    :param runner_options: extra ``studio-runner run`` options, e.g. ``["--installer", "uv"]``.
     :param fail_on_experiment_error: False returns the summary of an experiment that did not
         succeed instead of failing the task. A runner that left no summary (pod never ran,
         runner crashed) still fails the task.
-    :param gpu_node_selector: node selector for GPU experiments; default
-        ``{"nvidia.com/gpu.present": "true"}``, ``{}`` for none. Ignored without GPUs or when
-        ``node_selector`` is given.
-    :param gpu_tolerations: tolerations for GPU experiments; default ``nvidia.com/gpu`` Exists
-        NoSchedule. Ignored without GPUs or when ``tolerations`` is given.
     :param s3_credentials_secret: Kubernetes Secret holding the runner's S3 keys; None when the
         pod gets them otherwise (IRSA, instance role).
     :param s3_credentials_secret_keys: pod variable → key in that Secret; default
         ``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY`` under the same names.
-    :param shm_size: size limit of the memory-backed ``/dev/shm`` (e.g. ``"8Gi"``); default none.
-    :param local_kill_grace_period: local mode: seconds between SIGTERM (the runner stops the
-        workload and uploads what it has) and SIGKILL when the task is killed.
     :param message_keys_conn_id: a ``studio_message_keys`` connection: the request is then
         encrypted for the runner's RSA key and signed with the connection's Ed25519 key, so
         ``REQUEST_JSON`` in the pod spec holds only the envelope and the rendered
@@ -176,6 +142,11 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
         ``ssh-passphrase`` (deploy/'s ``studio-runner-message-key``).
     :param request_signers_secret: Kubernetes Secret with the trusted signers' ``ssh-ed25519``
         public keys, one per file (deploy/'s ``studio-runner-request-signers``).
+
+    The remaining arguments (``execution_mode``, ``runner_image``, ``runner_options`` such as
+    ``["--installer", "uv"]``, ``gpu_node_selector``, ``gpu_tolerations``, ``shm_size``,
+    ``local_kill_grace_period``) are
+    :class:`~airflow_provider_studio.operators.runner_pod.StudioRunnerPodOperator`'s.
 
     Mapped experiments read best with ``map_index_template``; the operator puts the key in the
     context as ``experiment_key``::
@@ -224,6 +195,8 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
     ui_color = "#d9ecd0"
     ui_fgcolor = "#1f3b12"
     local_reserved_env = _RUNNER_OPTION_ENV
+    runner_subcommand = "run"
+    summary_type = RunSummary
 
     def __init__(
         self,
@@ -235,25 +208,16 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
         inputs: Mapping[str, str] | None = None,
         experiment_key: str | None = None,
         results_bucket: str | None = None,
-        aws_conn_id: str | None = "aws_default",
         pythonver: str | None = None,
         pythonenv: Sequence[str] | None = None,
         pip: Sequence[str] | None = None,
-        resources_needed: Mapping[str, Any] | None = None,
         max_duration: str | float | None = None,
         lifetime: str | float | None = None,
         project: str | None = None,
         env: Mapping[str, Any] | None = None,
-        execution_mode: str | None = None,
-        runner_image: str | None = None,
-        runner_options: Sequence[str] = (),
         fail_on_experiment_error: bool = True,
-        gpu_node_selector: Mapping[str, str] | None = None,
-        gpu_tolerations: Sequence[k8s.V1Toleration | Mapping[str, Any]] | None = None,
         s3_credentials_secret: str | None = DEFAULT_CREDENTIALS_SECRET,
         s3_credentials_secret_keys: Mapping[str, str] | None = None,
-        shm_size: str | None = None,
-        local_kill_grace_period: float = 60.0,
         message_keys_conn_id: str | None = None,
         runner_key_secret: str = DEFAULT_RUNNER_KEY_SECRET,
         request_signers_secret: str = DEFAULT_REQUEST_SIGNERS_SECRET,
@@ -277,24 +241,12 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
         self.studio_request: dict[str, Any] | None = None
         """The request that ran (set when the task runs; shown under Rendered Templates)."""
 
-        kwargs.setdefault("arguments", pod_arguments("run", *runner_options))
         super().__init__(
-            resources_needed=resources_needed,
-            aws_conn_id=aws_conn_id,
-            execution_mode=execution_mode,
-            runner_image=runner_image,
-            runner_options=runner_options,
-            gpu_node_selector=gpu_node_selector,
-            gpu_tolerations=gpu_tolerations,
             aws_credentials_secret=s3_credentials_secret,
             aws_credentials_secret_keys=s3_credentials_secret_keys,
-            shm_size=shm_size,
-            local_kill_grace_period=local_kill_grace_period,
             **kwargs,
         )
         self._s3_endpoint: S3Endpoint | None = None
-        self._summary: dict[str, Any] | None = None
-        self._concluded: dict[str, Any] | None = None
         self.message_keys_conn_id = message_keys_conn_id
         self.runner_key_secret = runner_key_secret
         self.request_signers_secret = request_signers_secret
@@ -380,108 +332,72 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
 
     # --- running -----------------------------------------------------------------------------
 
-    def execute(self, context: Context) -> Any:
-        self._summary = self._concluded = None
-        mode = self._mode()
-        request = self.prepare_request(context)
-        if mode == LOCAL:
-            return self._conclude(self._run_locally(request), context)
-        try:
-            result = super().execute(context)
-        except AirflowSkipException:
-            raise
-        except AirflowException as error:
-            return self._after_pod_failure(error, context)
-        if result is None and self._concluded is not None:
-            # deferrable, and the pod had already ended: KPO re-entered inline and returned nothing
-            return self._concluded
-        return self._conclude(result, context)
+    def prepare_run(self, context: Context) -> None:
+        self.prepare_request(context)
 
     def trigger_reentry(self, context: Context, event: dict[str, Any]) -> Any:
-        """The deferrable path's end: the same verdict on the summary as ``execute``."""
-        self._summary = None
-        self._experiment_key(context)
-        try:
-            result = super().trigger_reentry(context, event)
-        except AirflowSkipException:
-            raise
-        except AirflowException as error:
-            return self._after_pod_failure(error, context)
-        return self._conclude(result, context)
+        self._experiment_key(context)  # a fresh operator: the key (and the context's) again
+        return super().trigger_reentry(context, event)
 
-    def extract_xcom(self, pod: k8s.V1Pod, *args: Any, **kwargs: Any) -> dict[Any, Any] | None:
-        """KPO's read of the runner's summary, kept so a failed pod can still be judged by it."""
-        result = super().extract_xcom(pod, *args, **kwargs)
-        self._summary = result if isinstance(result, dict) else None
-        return result
+    def describe_run(self) -> str:
+        return f"experiment {self.experiment_key}"
 
-    def _after_pod_failure(self, error: AirflowException, context: Context) -> Any:
-        """The pod failed: with the runner's summary the verdict is the runner's, else KPO's error."""
-        if self._summary is None:
-            raise error
-        # KPO has already pushed the summary to XCom on its failure path.
-        return self._conclude(self._summary, context, cause=error, pushed=True)
-
-    def _conclude(
-        self,
-        summary: Any,
-        context: Context,
-        *,
-        cause: BaseException | None = None,
-        pushed: bool = False,
-    ) -> Any:
-        if summary is None and not self.do_xcom_push:
-            return None  # no sidecar, no summary: the pod's exit status was the verdict
-        if not isinstance(summary, dict) or "status" not in summary:
-            raise AirflowException(
-                f"studio-runner left no result summary for experiment {self.experiment_key} "
-                "(its log above says why)"
-            ) from cause
-        self._concluded = summary
-        status = summary.get("status")
-        key = summary.get("key") or self.experiment_key
-        if status == Status.SUCCEEDED.value and summary.get("results_saved", True) is not False:
+    def conclude(self, summary: RunSummary, context: Context, *, cause: BaseException | None = None) -> Any:
+        """The summary when the experiment succeeded (or failures are tolerated); else the
+        runner's reason fails the task, without retries for a refused request."""
+        value = summary.to_value()
+        key = summary.key or self.experiment_key
+        if summary.succeeded:
             self.log.info(
                 "experiment %s succeeded in %ss; results: %s",
                 key,
-                summary.get("duration_seconds"),
-                ", ".join(sorted(summary.get("artifacts") or {})) or "none",
+                summary.duration_seconds,
+                ", ".join(sorted(summary.artifacts)) or "none",
             )
-            return summary
-        reason = summary.get("reason") or f"exit code {summary.get('exit_code')}"
-        message = f"experiment {key} {status}: {reason}"
+            return value
+        reason = summary.reason or f"exit code {summary.exit_code}"
+        message = f"experiment {key} {summary.status.value}: {reason}"
         if not self.fail_on_experiment_error:
             self.log.warning("%s; returning its summary (fail_on_experiment_error=False)", message)
-            return summary
-        if not pushed and context.get("ti") is not None:
+            return value
+        if cause is None and context.get("ti") is not None:
             # as KPO does on a failed pod: the summary stays readable in XCom
-            context["ti"].xcom_push(key="return_value", value=summary)
-        error_class = StudioRequestRefused if status == Status.INVALID.value else StudioExperimentFailed
-        raise error_class(message, summary) from cause
+            context["ti"].xcom_push(key="return_value", value=value)
+        error_class = StudioRequestRefused if summary.status is Status.INVALID else StudioExperimentFailed
+        raise error_class(message, value) from cause
 
     # --- the pod -----------------------------------------------------------------------------
 
-    def _shape_pod(self) -> None:
-        """The common runner pod, plus the request in ``REQUEST_JSON`` and what S3 needs."""
-        super()._shape_pod()
-        env = list(convert_env_vars(self.env_vars or []))
-        names = {variable.name for variable in env}
-        if self._request_json is not None and "REQUEST_JSON" not in names:
-            request_json = self._request_json
-            if len(request_json.encode()) > MAX_POD_REQUEST_BYTES:
-                raise AirflowFailException(
-                    f"the request is {len(request_json.encode())} bytes, more than one environment "
-                    f"variable can hold ({MAX_POD_REQUEST_BYTES}); shorten pythonenv, env or args"
-                )
-            env.append(k8s.V1EnvVar(name="REQUEST_JSON", value=request_json))
+    def subcommand_options(self, *, kubernetes: bool) -> list[str]:
         endpoint = self._s3_endpoint
-        if endpoint is not None and endpoint.region and "AWS_DEFAULT_REGION" not in names:
-            env.append(k8s.V1EnvVar(name="AWS_DEFAULT_REGION", value=endpoint.region))
-        self.env_vars = env
-        if endpoint is not None and endpoint.https and "--s3-https" not in self.arguments:
-            self.arguments = [*self.arguments, "--s3-https"]
-        if self.experiment_key:
-            self.annotations = {**(self.annotations or {}), "studioml/experiment-key": self.experiment_key}
+        options = ["--s3-https"] if endpoint is not None and endpoint.https else []
+        if kubernetes:  # the request is in REQUEST_JSON
+            return [*options, *(message_key_arguments() if self.message_keys_conn_id else [])]
+        # no GPU asked for: no GPU probe (and its warning) on a CPU worker
+        cpu_only = [] if self._resources().cards else ["--cpu-only"]
+        return ["--request", "-", *options, *cpu_only]
+
+    def runner_region(self) -> str | None:
+        return self._s3_endpoint.region if self._s3_endpoint is not None else None
+
+    def pod_environment(self) -> dict[str, str]:
+        """The request (or its sealed envelope) in ``REQUEST_JSON``."""
+        if self._request_json is None:
+            return {}
+        size = len(self._request_json.encode())
+        if size > MAX_POD_REQUEST_BYTES:
+            raise AirflowFailException(
+                f"the request is {size} bytes, more than one environment variable can hold "
+                f"({MAX_POD_REQUEST_BYTES}); shorten pythonenv, env or args"
+            )
+        return {"REQUEST_JSON": self._request_json}
+
+    def pod_annotations(self) -> dict[str, str]:
+        return {"studioml/experiment-key": self.experiment_key} if self.experiment_key else {}
+
+    def _shape_pod(self) -> None:
+        """The common runner pod, plus the runner's key and signers for a sealed request."""
+        super()._shape_pod()
         if self.message_keys_conn_id:
             self._mount_message_keys()
 
@@ -494,8 +410,6 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
         mounts = list(self.volume_mounts or [])
         names = {mount.name for mount in mounts}
         self.volume_mounts = mounts + [mount for mount in message_key_mounts() if mount.name not in names]
-        if "--encrypt-dir" not in self.arguments:
-            self.arguments = [*self.arguments, *message_key_arguments()]
         if not self.security_context:
             # the Secret's 0440 files belong to this group, as in deploy/
             self.security_context = k8s.V1PodSecurityContext(fs_group=RUNNER_GID)
@@ -510,43 +424,17 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
 
     # --- local mode --------------------------------------------------------------------------
 
-    def _run_locally(self, request: Request) -> dict[str, Any] | None:
-        """``studio-runner run --request -`` on this worker; the summary from its result file."""
-        endpoint = self._s3_endpoint
-        assert endpoint is not None, "prepare_request() sets the endpoint"
-        with tempfile.TemporaryDirectory(prefix="studio-result-") as scratch:
-            result_file = Path(scratch) / "summary.json"
-            command = local_command(
-                "run",
-                result_file,
-                "--request",
-                "-",
-                *(["--s3-https"] if endpoint.https else []),
-                # no GPU asked for: no GPU probe (and its warning) on a CPU worker
-                *([] if request.experiment.resources_needed.cards else ["--cpu-only"]),
-                *self.runner_options,
-            )
-            self.log.info("running %s", shlex.join(command))
-            env = self._local_environment(endpoint)
-            stdin = (self._request_json or request.to_json()).encode()
-            with contextlib.ExitStack() as stack:
-                if self.message_keys_conn_id:
-                    try:
-                        encrypt_dir, signers_dir = stack.enter_context(self._keys().local_runner_folders())
-                    except MessageKeysError as error:
-                        raise AirflowFailException(str(error)) from None
-                    # in the environment, not the command line: the runner hides its environment
-                    # from workloads, while any process can read its command line
-                    env["ENCRYPT_DIR"], env["REQUEST_SIGNATURES_DIR"] = str(encrypt_dir), str(signers_dir)
-                runner = self._run_local_runner(command, env, stdin=stdin)
-            summary = read_summary(result_file)
-        if summary is None:
-            raise AirflowException(
-                f"studio-runner exited with status {runner.process.returncode if runner.process else '?'} "
-                f"without a result summary; its last log lines:\n{runner.last_lines()}"
-            )
-        return summary
-
-    def _local_environment(self, endpoint: S3Endpoint) -> dict[str, str]:
-        """The local runner's environment: the connection's keys, the store's region, no Airflow settings."""
-        return self._local_runner_environment(endpoint.region)
+    @contextlib.contextmanager
+    def local_inputs(self, env: dict[str, str]) -> Iterator[bytes | None]:
+        """The request on stdin; for a sealed one, the runner's key in private folders."""
+        with contextlib.ExitStack() as stack:
+            if self.message_keys_conn_id:
+                try:
+                    encrypt_dir, signers_dir = stack.enter_context(self._keys().local_runner_folders())
+                except MessageKeysError as error:
+                    raise AirflowFailException(str(error)) from None
+                # in the environment, not the command line: the runner hides its environment
+                # from workloads, while any process can read its command line
+                env["ENCRYPT_DIR"], env["REQUEST_SIGNATURES_DIR"] = str(encrypt_dir), str(signers_dir)
+            assert self._request_json is not None, "prepare_request() sets the request"
+            yield self._request_json.encode()

@@ -36,8 +36,8 @@ class MetadataScrapeOperator(BaseOperator):
     :param experiments: (templated) what to collect, one row each, in this order. Either
         experiment keys, looked up in ``bucket`` (the latest attempt of each key wins, by the
         start second in its file name, then by ``studioml.start_time``); or the XCom of mapped
-        ``StudioExperimentOperator`` tasks, i.e. studio-runner summaries whose ``scrape_uri`` is
-        read directly, without listing; or a mix of both.
+        ``StudioExperimentOperator`` tasks, i.e. studio-runner summaries whose scrape document
+        (``scrape_bucket``, ``scrape_key``) is read directly, without listing; or a mix of both.
     :param bucket: (templated) bucket whose root ``metadata/`` folder the runners write to.
         Needed when any experiment is given by key (or by a summary without ``scrape_uri``).
     :param aws_conn_id: Airflow AWS connection for S3. For SeaweedFS or MinIO, put the server's

@@ -11,31 +11,21 @@ usual, and the task only reports what its runner handled.
 
 from __future__ import annotations
 
+import contextlib
 import re
-import shlex
-import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
-from airflow.providers.cncf.kubernetes.backcompat.backwards_compat_converters import convert_env_vars
 from airflow.providers.cncf.kubernetes.secret import Secret
 from airflow.sdk import Context
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
-from kubernetes.client import models as k8s
+from airflow.sdk.exceptions import AirflowFailException
+from studio_runner.summary import ServeSummary
 from studio_runner.units import parse_seconds
 
 from airflow_provider_studio.hooks.rabbitmq import StudioRabbitMQHook
-from airflow_provider_studio.operators.local_runner import local_command, read_summary
-from airflow_provider_studio.operators.runner_pod import (
-    DEFAULT_CREDENTIALS_SECRET,
-    LOCAL,
-    XCOM_RESULT_FILE,
-    StudioRunnerPodOperator,
-    pod_arguments,
-)
+from airflow_provider_studio.operators.runner_pod import DEFAULT_CREDENTIALS_SECRET, StudioRunnerPodOperator
 
 QUEUE_BACKENDS = ("rmq", "sqs")
 """StudioML's queue-name prefixes (``rmq_``, ``sqs_``), which are also the runner's transports."""
@@ -72,8 +62,6 @@ _SERVE_OPTION_ENV = frozenset(
 )
 """Options ``serve`` also reads from its environment that the operator sets itself: a worker's
 own values (a developer's ``AMQP_URL``, say) must not redirect a local runner."""
-_USAGE_EXIT_CODE = 2
-"""``studio-runner`` refused its options or configuration; the same task cannot do better."""
 
 
 @dataclass(frozen=True)
@@ -157,6 +145,8 @@ class StudioQueueRunnerOperator(StudioRunnerPodOperator):
     ui_color = "#f3e3c3"
     ui_fgcolor = "#4a3208"
     local_reserved_env = _SERVE_OPTION_ENV
+    runner_subcommand = "serve"
+    summary_type = ServeSummary
 
     def __init__(
         self,
@@ -207,88 +197,51 @@ class StudioQueueRunnerOperator(StudioRunnerPodOperator):
                 Secret("env", AMQP_PASSWORD_ENV, rabbitmq_password_secret, rabbitmq_password_secret_key),
             ]
         self._brokers: _Brokers | None = None
-        self._concluded: dict[str, Any] | None = None
 
     # --- running -----------------------------------------------------------------------------
 
-    def execute(self, context: Context) -> Any:
-        self._concluded = None
+    def prepare_run(self, context: Context) -> None:
         self._brokers = None
         self._serve_options(kubernetes=False)  # bad settings fail here, before a pod is started
-        if self._mode() == LOCAL:
-            return self._conclude(self._serve_locally())
-        result = super().execute(context)
-        if result is None and self._concluded is not None:
-            # deferrable, and the pod had already ended: KPO re-entered inline and returned nothing
-            return self._concluded
-        return self._conclude(result)
 
-    def trigger_reentry(self, context: Context, event: dict[str, Any]) -> Any:
-        return self._conclude(super().trigger_reentry(context, event))
+    def describe_run(self) -> str:
+        return f"studio-runner serve for {self.queue_match!r}"
 
-    def _conclude(self, summary: Any) -> dict[str, Any] | None:
-        if summary is None and not self.do_xcom_push:
-            return None  # no sidecar, no summary: the pod's exit status was the verdict
-        if not isinstance(summary, dict) or "handled" not in summary:
-            raise AirflowException(
-                f"studio-runner serve for {self.queue_match!r} left no summary (its log above says why)"
-            )
-        result = {"queue_match": self.queue_match, **summary}
-        statuses = result.get("statuses") or {}
-        counted = ", ".join(f"{count} {status}" for status, count in sorted(statuses.items()))
+    def conclude(self, summary: ServeSummary, context: Context, *, cause: BaseException | None = None) -> Any:
+        """What the runner handled, with the pattern it served; its experiments' failures are
+        the clients' business, not the task's."""
+        summary = summary.model_copy(update={"queue_match": self.queue_match})
+        counted = ", ".join(f"{count} {status}" for status, count in sorted(summary.statuses.items()))
         self.log.info(
             "studio-runner ended (%s) after %s experiment attempt(s)%s",
-            result.get("ended_by") or "?",
-            result.get("handled", 0),
+            summary.ended_by or "?",
+            summary.handled,
             f": {counted}" if counted else "",
         )
-        if result.get("abandoned") or result.get("settle_failures"):
+        if summary.abandoned or summary.settle_failures:
             self.log.warning(
                 "%s attempt(s) abandoned and %s not settled with the broker: the broker redelivers them",
-                result.get("abandoned", 0),
-                result.get("settle_failures", 0),
+                summary.abandoned,
+                summary.settle_failures,
             )
-        self._concluded = result
-        return result
+        return summary.to_value()
 
-    def _serve_locally(self) -> dict[str, Any]:
-        """``studio-runner serve`` on this worker; its summary from the result file."""
-        brokers = self._brokers_from_connections()
-        with tempfile.TemporaryDirectory(prefix="studio-serve-") as scratch:
-            result_file = Path(scratch) / "summary.json"
-            command = local_command(
-                "serve",
-                result_file,
-                "--prom-address",
-                "off",  # several runners share a worker; runner_options may still choose a port
-                *self._serve_options(kubernetes=False),
-                *self.runner_options,
-            )
-            env = self._local_runner_environment(brokers.region)
-            if brokers.amqp_password is not None:
-                env[AMQP_PASSWORD_ENV] = brokers.amqp_password
-            self.log.info("running %s", shlex.join(command))
-            runner = self._run_local_runner(command, env)
-            summary = read_summary(result_file)
-        if summary is None:
-            code = runner.process.returncode if runner.process is not None else None
-            error = AirflowFailException if code == _USAGE_EXIT_CODE else AirflowException
-            raise error(
-                f"studio-runner serve exited with status {code} without a summary; "
-                f"its last log lines:\n{runner.last_lines()}"
-            )
-        return summary
+    @contextlib.contextmanager
+    def local_inputs(self, env: dict[str, str]) -> Iterator[bytes | None]:
+        """The broker password, in the child's environment only."""
+        password = self._brokers_from_connections().amqp_password
+        if password is not None:
+            env[AMQP_PASSWORD_ENV] = password
+        yield None
 
     # --- the runner's command ----------------------------------------------------------------
 
-    def runner_arguments(self) -> list[str]:
-        """The pod's ``studio-runner`` arguments, from the rendered settings and the connections."""
-        return pod_arguments(
-            "serve",
-            *self._serve_options(kubernetes=True),
-            *self.runner_options,
-            result_file=XCOM_RESULT_FILE if self.do_xcom_push else None,
-        )
+    def subcommand_options(self, *, kubernetes: bool) -> list[str]:
+        # several local runners share a worker; runner_options may still choose a port
+        return [
+            *([] if kubernetes else ["--prom-address", "off"]),
+            *self._serve_options(kubernetes=kubernetes),
+        ]
 
     def _serve_options(self, *, kubernetes: bool) -> list[str]:
         """What to serve and when to stop, checked; bad settings fail the task without retries."""
@@ -364,17 +317,11 @@ class StudioQueueRunnerOperator(StudioRunnerPodOperator):
 
     # --- the pod -----------------------------------------------------------------------------
 
-    def _shape_pod(self) -> None:
-        """The common runner pod, the serve arguments, and the region; never a password."""
-        super()._shape_pod()
-        env = list(convert_env_vars(self.env_vars or []))
-        names = {variable.name for variable in env}
-        region = self._brokers_from_connections().region
-        if region and "AWS_DEFAULT_REGION" not in names:
-            env.append(k8s.V1EnvVar(name="AWS_DEFAULT_REGION", value=region))
-        self.env_vars = env
-        if self.queue_match:
-            self.annotations = {**(self.annotations or {}), "studioml/queue-match": str(self.queue_match)}
+    def runner_region(self) -> str | None:
+        return self._brokers_from_connections().region
+
+    def pod_annotations(self) -> dict[str, str]:
+        return {"studioml/queue-match": str(self.queue_match)} if self.queue_match else {}
 
 
 def exactly(queue: str) -> str:

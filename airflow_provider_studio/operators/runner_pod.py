@@ -3,10 +3,11 @@
 :class:`StudioRunnerPodOperator` is the base of every operator that starts a ``studio-runner``
 (:class:`~airflow_provider_studio.operators.experiment.StudioExperimentOperator` runs one request
 with ``run``, :class:`~airflow_provider_studio.operators.queue_runner.StudioQueueRunnerOperator`
-drains queues with ``serve``). It owns what they share, so a new runner operator only says which
-runner command to start and how to read its result:
+drains queues with ``serve``). It owns the run, so a new runner operator only says which
+runner command to start, with which options, and how to conclude from its typed summary:
 
-- the execution mode (``[studio] execution_mode``: ``kubernetes`` or ``local``);
+- the execution mode (``[studio] execution_mode``: ``kubernetes`` or ``local``), KPO's sync and
+  deferrable paths, and the verdict on a failed pod from the summary its runner left;
 - the pod's shape for the runner image: GPU limit, node selector and toleration from
   ``resources_needed``, a memory-backed ``/dev/shm``, a work ``emptyDir``, AWS keys only as
   ``secretKeyRef``, and the runner's result file read back through KPO's xcom sidecar;
@@ -16,20 +17,38 @@ runner command to start and how to read its result:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+import contextlib
+import shlex
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from airflow.providers.cncf.kubernetes.backcompat.backwards_compat_converters import convert_toleration
+from airflow.providers.cncf.kubernetes.backcompat.backwards_compat_converters import (
+    convert_env_vars,
+    convert_toleration,
+)
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.providers.cncf.kubernetes.secret import Secret
 from airflow.sdk import Context, conf
-from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
+from airflow.sdk.exceptions import (
+    AirflowException,
+    AirflowFailException,
+    AirflowNotFoundException,
+    AirflowSkipException,
+)
 from kubernetes.client import models as k8s
 from studio_runner.request import Resources
+from studio_runner.summary import RunSummary, ServeSummary
 from studio_runner.units import parse_size
 
 from airflow_provider_studio.experiment_request import CREDENTIAL_NAMES, resources_from
-from airflow_provider_studio.operators.local_runner import LocalRunnerProcess, worker_environment
+from airflow_provider_studio.operators.local_runner import (
+    LocalRunnerProcess,
+    local_command,
+    read_summary,
+    worker_environment,
+)
 
 if TYPE_CHECKING:
     from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
@@ -66,6 +85,8 @@ DEFAULT_CREDENTIALS_SECRET_KEYS: Mapping[str, str] = {
     "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
 }
 """Pod environment variable → key in the Secret."""
+USAGE_EXIT_CODE = 2
+"""``studio-runner`` refused its options or configuration; the same task cannot do better."""
 
 
 def pod_arguments(subcommand: str, *options: str, result_file: str | None = XCOM_RESULT_FILE) -> list[str]:
@@ -90,10 +111,11 @@ _DERIVABLE_POD_FIELDS = ("container_resources", "node_selector", "tolerations", 
 class StudioRunnerPodOperator(KubernetesPodOperator):
     """Base for operators that start one ``studio-runner``: in a pod of ``runner_image``, or locally.
 
-    Subclasses give the runner's ``arguments`` (or build them late by overriding
-    :meth:`runner_arguments`, once templates are rendered), extend :meth:`_shape_pod` for what
-    their pod needs beyond the common shape, and choose in ``execute`` between
-    ``super().execute`` (the pod) and :meth:`_run_local_runner` after :meth:`_mode`. Every
+    It owns the run in both modes: the mode switch, KPO's sync and deferrable paths (a failed
+    pod is judged by the summary the runner left), and the local child with its result file.
+    A subclass says only which subcommand it runs (``runner_subcommand``), with which options
+    (:meth:`subcommand_options`, built late, after rendering, for either mode) and how it
+    concludes (:meth:`conclude`: the typed summary to the XCom value, or an exception). Every
     KubernetesPodOperator argument a caller gives explicitly wins over what is derived here.
 
     :param resources_needed: (templated) StudioML resources (``cpus``, ``ram``, ``hdd``, ``gpus``,
@@ -116,6 +138,10 @@ class StudioRunnerPodOperator(KubernetesPodOperator):
     """
 
     template_fields: Sequence[str] = (*KubernetesPodOperator.template_fields, "resources_needed")
+    runner_subcommand: ClassVar[str]
+    """``run`` or ``serve``."""
+    summary_type: ClassVar[type[RunSummary] | type[ServeSummary]]
+    """What that subcommand writes to ``--result-file``."""
     local_reserved_env: frozenset[str] = frozenset()
     """Runner options the runner also reads from its environment, which a worker's stray values
     must not set for a local runner (the operator sets them itself)."""
@@ -166,8 +192,103 @@ class StudioRunnerPodOperator(KubernetesPodOperator):
         super().__init__(**kwargs)
         self._hook: AwsBaseHook | None = None
         self._local_runner: LocalRunnerProcess | None = None
+        self._pod_result: Any = None
+        """What KPO read from the pod's result file, kept so a failed pod can be judged by it."""
+        self._concluded: Any = None
 
-    # --- execution mode ----------------------------------------------------------------------
+    # --- what a subclass says ----------------------------------------------------------------
+
+    def prepare_run(self, context: Context) -> None:
+        """Before either mode starts the runner: settings checked, state for the options read."""
+
+    def subcommand_options(self, *, kubernetes: bool) -> list[str]:
+        """The subcommand's own options (before ``runner_options``), from rendered values."""
+        return []
+
+    def runner_region(self) -> str | None:
+        """``AWS_DEFAULT_REGION`` for the runner, in the pod and locally."""
+        return None
+
+    def pod_environment(self) -> dict[str, str]:
+        """Plain environment variables the pod needs beyond the region (never a secret)."""
+        return {}
+
+    def pod_annotations(self) -> dict[str, str]:
+        return {}
+
+    @contextlib.contextmanager
+    def local_inputs(self, env: dict[str, str]) -> Iterator[bytes | None]:
+        """Adds what a local runner needs to ``env`` and yields its stdin; what it opens lasts
+        until the runner has exited."""
+        yield None
+
+    def conclude(self, summary: Any, context: Context, *, cause: BaseException | None = None) -> Any:
+        """The task's XCom value from the runner's typed summary, or the exception that fails it.
+
+        ``cause`` is the failed pod's error (KPO has then pushed the summary to XCom already).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not say how it concludes")
+
+    def describe_run(self) -> str:
+        """What this runner was doing, for errors: ``experiment k``, ``serve for '^rmq_a$'``."""
+        return f"studio-runner {self.runner_subcommand}"
+
+    # --- running -----------------------------------------------------------------------------
+
+    def execute(self, context: Context) -> Any:
+        self._concluded = self._pod_result = None
+        mode = self._mode()
+        self.prepare_run(context)
+        if mode == LOCAL:
+            return self.conclude_result(self._run_locally(), context)
+        try:
+            result = super().execute(context)
+        except AirflowSkipException:
+            raise
+        except AirflowException as error:
+            return self._after_pod_failure(error, context)
+        if result is None and self._concluded is not None:
+            # deferrable, and the pod had already ended: KPO re-entered inline and returned nothing
+            return self._concluded
+        return self.conclude_result(result, context)
+
+    def trigger_reentry(self, context: Context, event: dict[str, Any]) -> Any:
+        """The deferrable path's end: the same verdict on the summary as ``execute``."""
+        self._pod_result = None
+        try:
+            result = super().trigger_reentry(context, event)
+        except AirflowSkipException:
+            raise
+        except AirflowException as error:
+            return self._after_pod_failure(error, context)
+        return self.conclude_result(result, context)
+
+    def extract_xcom(self, pod: k8s.V1Pod, *args: Any, **kwargs: Any) -> dict[Any, Any] | None:
+        """KPO's read of the runner's summary, kept so a failed pod can still be judged by it."""
+        result = super().extract_xcom(pod, *args, **kwargs)
+        self._pod_result = result
+        return result
+
+    def _after_pod_failure(self, error: AirflowException, context: Context) -> Any:
+        """The pod failed: with the runner's summary the verdict is the runner's, else KPO's error."""
+        if self._pod_result is None:
+            raise error
+        return self.conclude_result(self._pod_result, context, cause=error)
+
+    def conclude_result(self, result: Any, context: Context, *, cause: BaseException | None = None) -> Any:
+        """What the runner left (the decoded ``--result-file`` / ``/airflow/xcom/return.json``)
+        checked and typed, then :meth:`conclude`; no summary fails the task."""
+        if result is None and not self.do_xcom_push:
+            return None  # no sidecar, no summary: the pod's exit status was the verdict
+        try:
+            summary = self.summary_type.from_value(result)
+        except ValueError as error:
+            raise AirflowException(
+                f"studio-runner left no result summary for {self.describe_run()} ({error}); "
+                "its log above says why"
+            ) from cause
+        self._concluded = self.conclude(summary, context, cause=cause)
+        return self._concluded
 
     def _mode(self) -> str:
         mode = (self.execution_mode or conf.get("studio", "execution_mode", fallback=KUBERNETES)).strip()
@@ -189,11 +310,16 @@ class StudioRunnerPodOperator(KubernetesPodOperator):
         return super().build_pod_request_obj(context, dry_run=dry_run)
 
     def runner_arguments(self) -> list[str]:
-        """The runner's arguments when the caller gave none, built after rendering."""
-        raise NotImplementedError(f"{type(self).__name__} gives no runner arguments")
+        """The pod's ``studio-runner`` arguments when the caller gave none, built after rendering."""
+        return pod_arguments(
+            self.runner_subcommand,
+            *self.subcommand_options(kubernetes=True),
+            *self.runner_options,
+            result_file=XCOM_RESULT_FILE if self.do_xcom_push else None,
+        )
 
     def _shape_pod(self) -> None:
-        """Resources, GPU placement and (late) arguments; subclasses add their own parts."""
+        """Resources, GPU placement, (late) arguments, environment; subclasses add their own parts."""
         resources = self._resources()
         gpus = resources.cards > 0
         if "container_resources" in self._derived_pod_fields:
@@ -206,6 +332,15 @@ class StudioRunnerPodOperator(KubernetesPodOperator):
             self.tolerations = [convert_toleration(t) for t in tolerations] if gpus else []
         if "arguments" in self._derived_pod_fields:
             self.arguments = self.runner_arguments()
+        env = list(convert_env_vars(self.env_vars or []))
+        names = {variable.name for variable in env}
+        wanted = self.pod_environment()
+        region = self.runner_region()
+        if region:
+            wanted.setdefault("AWS_DEFAULT_REGION", region)
+        env += [k8s.V1EnvVar(name=name, value=value) for name, value in wanted.items() if name not in names]
+        self.env_vars = env
+        self.annotations = {**(self.annotations or {}), **self.pod_annotations()}
 
     def _resources(self) -> Resources:
         try:
@@ -214,6 +349,30 @@ class StudioRunnerPodOperator(KubernetesPodOperator):
             raise AirflowFailException(f"resources_needed: {error}") from None
 
     # --- local mode --------------------------------------------------------------------------
+
+    def _run_locally(self) -> Any:
+        """``studio-runner <subcommand>`` on this worker; what it left in its result file."""
+        with tempfile.TemporaryDirectory(prefix=f"studio-{self.runner_subcommand}-") as scratch:
+            result_file = Path(scratch) / "summary.json"
+            command = local_command(
+                self.runner_subcommand,
+                result_file,
+                *self.subcommand_options(kubernetes=False),
+                *self.runner_options,
+            )
+            env = self._local_runner_environment(self.runner_region())
+            self.log.info("running %s", shlex.join(command))
+            with self.local_inputs(env) as stdin:
+                runner = self._run_local_runner(command, env, stdin=stdin)
+            result = read_summary(result_file)
+        if result is None:
+            code = runner.process.returncode if runner.process is not None else None
+            error = AirflowFailException if code == USAGE_EXIT_CODE else AirflowException
+            raise error(
+                f"studio-runner {self.runner_subcommand} exited with status {code} without a result "
+                f"summary; its last log lines:\n{runner.last_lines()}"
+            )
+        return result
 
     def _run_local_runner(
         self, command: Sequence[str], env: Mapping[str, str], stdin: bytes | None = None

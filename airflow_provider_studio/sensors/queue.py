@@ -14,18 +14,11 @@ from typing import Any
 
 from airflow.sdk import BaseSensorOperator, Context, PokeReturnValue
 from airflow.sdk.exceptions import AirflowException
-from botocore.exceptions import BotoCoreError, ClientError
 
 from airflow_provider_studio.exceptions import QueueNotFound
-from airflow_provider_studio.hooks.rabbitmq import QueueState, StudioRabbitMQHook
-from airflow_provider_studio.triggers.queue import (
-    MISSING_QUEUE_CHOICES,
-    SQS_PEEK_LIMIT,
-    StudioQueueTrigger,
-    queue_backend,
-    sqs_error,
-    summarise_requests,
-)
+from airflow_provider_studio.hooks.queue import QueueInspector, check_wait, summarise_requests
+from airflow_provider_studio.hooks.rabbitmq import StudioRabbitMQHook
+from airflow_provider_studio.triggers.queue import StudioQueueTrigger
 
 
 class StudioQueueSensor(BaseSensorOperator):
@@ -66,12 +59,12 @@ class StudioQueueSensor(BaseSensorOperator):
         if poll_interval is not None:
             kwargs.setdefault("poke_interval", poll_interval)
         super().__init__(**kwargs)
-        if not isinstance(min_messages, str) and int(min_messages) < 1:  # a template is checked once rendered
-            raise ValueError(f"min_messages must be 1 or more, not {min_messages}")
-        if int(peek) < 0:
-            raise ValueError(f"peek must be 0 or more, not {peek}")
-        if missing_queue not in MISSING_QUEUE_CHOICES:
-            raise ValueError(f"missing_queue must be one of {MISSING_QUEUE_CHOICES}, not {missing_queue!r}")
+        # a template is checked once rendered
+        check_wait(
+            min_messages=None if isinstance(min_messages, str) else min_messages,
+            peek=peek,
+            missing_queue=missing_queue,
+        )
         self.queue_name = queue_name
         self.min_messages = min_messages
         self.rabbitmq_conn_id = rabbitmq_conn_id
@@ -82,10 +75,9 @@ class StudioQueueSensor(BaseSensorOperator):
 
     # --- deferrable path -------------------------------------------------------------------
     def execute(self, context: Context) -> Any:
-        self._backend()  # a queue name without rmq_/sqs_ fails here, before any waiting
+        self._queue()  # a queue name without rmq_/sqs_ fails here, before any waiting
         self.min_messages = int(self.min_messages)  # rendered from a template, e.g. a trigger-form param
-        if self.min_messages < 1:
-            raise ValueError(f"min_messages must be 1 or more, not {self.min_messages}")
+        check_wait(min_messages=self.min_messages, peek=self.peek, missing_queue=self.missing_queue)
         if not self.deferrable:
             return super().execute(context)
         self.defer(
@@ -123,9 +115,7 @@ class StudioQueueSensor(BaseSensorOperator):
     # --- poke path -------------------------------------------------------------------------
     def poke(self, context: Context) -> bool | PokeReturnValue:
         try:
-            state = self._look(peek_limit=0)
-            if state.depth >= self.min_messages and self.peek:
-                state = self._look(peek_limit=self.peek)
+            state = self._queue().look(self.min_messages, self.peek)
         except QueueNotFound as error:
             if self.missing_queue == "fail":
                 raise
@@ -142,33 +132,10 @@ class StudioQueueSensor(BaseSensorOperator):
             is_done=True, xcom_value={"queue": self.queue_name, "depth": state.depth, "resources": resources}
         )
 
-    def _backend(self) -> str:
+    def _queue(self) -> QueueInspector:
         try:
-            return queue_backend(self.queue_name)
+            return QueueInspector(
+                self.queue_name, rabbitmq_conn_id=self.rabbitmq_conn_id, aws_conn_id=self.aws_conn_id
+            )
         except ValueError as error:
             raise AirflowException(str(error)) from None
-
-    def _look(self, peek_limit: int) -> QueueState:
-        if self._backend() == "rmq":
-            return StudioRabbitMQHook(self.rabbitmq_conn_id).queue_state(self.queue_name, peek_limit)
-        return self._look_sqs(peek_limit)
-
-    def _look_sqs(self, peek_limit: int) -> QueueState:
-        from airflow.providers.amazon.aws.hooks.sqs import SqsHook
-
-        client = None
-        try:
-            client = SqsHook(aws_conn_id=self.aws_conn_id).get_conn()
-            url = client.get_queue_url(QueueName=self.queue_name)["QueueUrl"]
-            answer = client.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"])
-            depth = int(answer.get("Attributes", {}).get("ApproximateNumberOfMessages", 0))
-            bodies: list[bytes] = []
-            count = min(peek_limit, SQS_PEEK_LIMIT, depth)
-            if count > 0:  # VisibilityTimeout=0: the messages stay available to runners
-                received = client.receive_message(
-                    QueueUrl=url, MaxNumberOfMessages=count, VisibilityTimeout=0, WaitTimeSeconds=0
-                )
-                bodies = [message["Body"].encode() for message in received.get("Messages", [])]
-        except (ClientError, BotoCoreError) as error:
-            raise sqs_error(self.queue_name, self.aws_conn_id, client, error) from error
-        return QueueState(queue=self.queue_name, depth=depth, bodies=tuple(bodies))

@@ -8,7 +8,6 @@ Kubernetes ConfigMap can configure the runner without touching its command line.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -33,6 +32,7 @@ from .pythonenv import VirtualenvCache
 from .request import RequestError
 from .resources import ResourcePool
 from .storage import Storage, StorageSettings
+from .summary import RunSummary, ServeSummary
 from .units import parse_seconds, parse_size
 
 if TYPE_CHECKING:
@@ -263,7 +263,6 @@ def _run(args: argparse.Namespace) -> int:
         with logs.bound(experiment=request.key):
             log.info("running experiment %s", request.key)
             outcome = runner.run(request, cancel=cancel)
-    summary = outcome.summary()
     log.log(
         logging.INFO if outcome.status is Status.SUCCEEDED else logging.ERROR,
         "experiment %s %s%s",
@@ -272,8 +271,7 @@ def _run(args: argparse.Namespace) -> int:
         f": {outcome.reason}" if outcome.reason else "",
     )
     if args.result_file is not None:
-        args.result_file.parent.mkdir(parents=True, exist_ok=True)
-        args.result_file.write_text(json.dumps(summary, indent=1) + "\n")
+        RunSummary.from_outcome(outcome).write(args.result_file)
     return outcome.process_exit_code
 
 
@@ -362,17 +360,15 @@ def _serve(args: argparse.Namespace) -> int:
         transport.close()
     log.info("stopped (%s): %s", summary.ended_by, summary.statuses)
     if args.result_file is not None:
-        result = {
-            "ended_by": summary.ended_by,
-            "handled": summary.handled,
-            "statuses": summary.statuses,
-            "settle_failures": summary.settle_failures,
-            "abandoned": summary.abandoned,
-            "lost_acks": summary.lost_acks,
-            "experiments": handler.recent(),
-        }
-        args.result_file.parent.mkdir(parents=True, exist_ok=True)
-        args.result_file.write_text(json.dumps(result, indent=1) + "\n")
+        ServeSummary(
+            ended_by=summary.ended_by,
+            handled=summary.handled,
+            statuses=summary.statuses,
+            settle_failures=summary.settle_failures,
+            abandoned=summary.abandoned,
+            lost_acks=summary.lost_acks,
+            experiments=handler.recent(),
+        ).write(args.result_file)
     return 0
 
 

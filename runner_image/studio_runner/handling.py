@@ -11,13 +11,14 @@ import collections
 import contextlib
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import logs
 from .envelope import RunnerKeyring, open_message
 from .experiment import ExperimentRunner
 from .outcome import Outcome, Status
 from .request import RequestError, Resources
+from .summary import HandledExperiment
 
 if TYPE_CHECKING:
     from .metrics import RunnerMetrics
@@ -49,14 +50,14 @@ class MessageHandler:
         self.clear_text_allowed = clear_text_allowed
         self.responses = responses
         self._wanted: dict[str, Resources] = {}
-        self._recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_EXPERIMENTS)
+        self._recent: collections.deque[HandledExperiment] = collections.deque(maxlen=RECENT_EXPERIMENTS)
 
     def fits(self, queue: str) -> bool:
         """The service's capacity check: would the last request seen on ``queue`` fit now?"""
         wanted = self._wanted.get(queue)
         return wanted is None or self.runner.resources.fits(wanted)
 
-    def recent(self) -> list[dict[str, Any]]:
+    def recent(self) -> list[HandledExperiment]:
         """The latest experiments handled, oldest first, as ``serve --result-file`` lists them."""
         return list(self._recent)
 
@@ -99,15 +100,7 @@ class MessageHandler:
                 return outcome
 
     def _remember(self, key: str | None, message: Message, status: Status, reason: str | None) -> None:
-        entry: dict[str, Any] = {
-            "key": key,
-            "queue": message.queue,
-            "attempt": message.attempts,
-            "status": status.value,
-        }
-        if reason:
-            entry["reason"] = reason if len(reason) <= 300 else reason[:299] + "…"
-        self._recent.append(entry)
+        self._recent.append(HandledExperiment.of(key, message.queue, message.attempts, status, reason))
 
     @contextlib.contextmanager
     def _reporting(self, message: Message, key: str) -> Iterator[Reporter]:

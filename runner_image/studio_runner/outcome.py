@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
 
 
 class Status(str, enum.Enum):
@@ -94,16 +93,3 @@ class Outcome:
         if not self.results_saved and self.status is Status.SUCCEEDED:
             return EXIT_CODES[Status.INFRASTRUCTURE]
         return EXIT_CODES[self.status]
-
-    def summary(self) -> dict[str, Any]:
-        """The small JSON document ``studio-runner run --result-file`` writes (and XCom carries)."""
-        return {
-            "key": self.key,
-            "status": self.status.value,
-            "reason": self.reason,
-            "exit_code": self.exit_code,
-            "artifacts": self.artifacts,
-            "scrape_uri": self.scrape_uri,
-            "results_saved": self.results_saved,
-            "duration_seconds": round(self.duration_seconds, 3),
-        }

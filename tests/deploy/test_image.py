@@ -129,11 +129,8 @@ def operator_run(
     """``StudioExperimentOperator``'s pod, run once in the image against the session's servers."""
     from kubernetes.client import ApiClient
 
-    from airflow_provider_studio.operators.experiment import (
-        DEFAULT_CREDENTIALS_SECRET,
-        XCOM_RESULT_FILE,
-        StudioExperimentOperator,
-    )
+    from airflow_provider_studio.operators.experiment import StudioExperimentOperator
+    from airflow_provider_studio.operators.runner_pod import DEFAULT_CREDENTIALS_SECRET, XCOM_RESULT_FILE
 
     scratch = tmp_path_factory.mktemp("operator-pod")
     bucket = f"t-{uuid.uuid4().hex[:20]}"

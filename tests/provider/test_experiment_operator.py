@@ -38,8 +38,8 @@ from airflow_provider_studio.operators.experiment import (
     StudioExperimentFailed,
     StudioExperimentOperator,
     StudioRequestRefused,
-    kubernetes_quantity,
 )
+from airflow_provider_studio.operators.runner_pod import kubernetes_quantity
 from tests.provider.task_context import RecordingTI, runtime_context, seaweed_conn_json
 from tests.runner.results import final_document, tar_members
 
@@ -440,9 +440,7 @@ def test_local_runner_environment_holds_the_connection_keys_and_no_airflow_setti
     monkeypatch.setenv("REQUEST_JSON", '{"experiment": {"key": "stray"}}')
     monkeypatch.setenv("AWS_SESSION_TOKEN", "stale-token")
     op = local_operator(workspace, "b")
-    from airflow_provider_studio.experiment_request import S3Endpoint
-
-    env = op._local_environment(S3Endpoint(host="h:1", url="http://h:1", region="us-east-1"))
+    env = op._local_runner_environment("us-east-1")
     assert env["AWS_ACCESS_KEY_ID"] == services.s3_access_key
     assert env["AWS_SECRET_ACCESS_KEY"] == services.s3_secret_key
     assert env["AWS_DEFAULT_REGION"] == "us-east-1"

@@ -90,7 +90,7 @@ def put_attempt(s3_client, bucket: str, key: str, **kwargs: Any) -> str:
 
 
 def summary(key: str, scrape_uri: str | None, status: str = "succeeded", exit_code: int | None = 0) -> dict:
-    """What ``Outcome.summary()`` gives, with the runner's qualified ``s3://HOST:PORT/bucket/key``."""
+    """What ``RunSummary`` gives, with the runner's qualified ``s3://HOST:PORT/bucket/key``."""
     if scrape_uri is not None and scrape_uri.startswith("s3://"):
         scrape_uri = "s3://127.0.0.1:8333/" + scrape_uri[len("s3://") :]
     return {

@@ -23,8 +23,9 @@ from airflow.sdk.exceptions import (
 )
 
 from airflow_provider_studio.exceptions import BrokerAuthError, QueueNotFound
+from airflow_provider_studio.hooks.queue import summarise_requests
 from airflow_provider_studio.sensors.queue import StudioQueueSensor
-from airflow_provider_studio.triggers.queue import StudioQueueTrigger, summarise_requests
+from airflow_provider_studio.triggers.queue import StudioQueueTrigger
 from tests.broker import declare_like_client, drain_bodies, publish_like_client, unique
 from tests.provider.connections import rabbitmq_connection, set_connection
 from tests.runner.client_requests import queued_request as studio_request

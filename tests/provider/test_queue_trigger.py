@@ -17,9 +17,10 @@ import pytest
 from airflow.sdk.module_loading import import_string
 from studio_runner.units import parse_size
 
+from airflow_provider_studio.hooks import queue as queue_module
+from airflow_provider_studio.hooks.queue import summarise_requests
 from airflow_provider_studio.hooks.rabbitmq import StudioRabbitMQHook
-from airflow_provider_studio.triggers import queue as trigger_module
-from airflow_provider_studio.triggers.queue import StudioQueueTrigger, summarise_requests
+from airflow_provider_studio.triggers.queue import StudioQueueTrigger
 from tests.broker import declare_like_client, drain_bodies, publish_like_client, unique
 from tests.provider.connections import closed_port, rabbitmq_connection, set_connection
 from tests.runner.client_requests import queued_request as studio_request
@@ -246,7 +247,7 @@ async def test_sqs_fires_once_enough_requests_arrive(monkeypatch, aws_conn_id, s
     queue = unique("sqs_trig_")
     url = sqs.create_queue(QueueName=queue)["QueueUrl"]
     bodies = [studio_request("sqs_a", gpus=1, gpuCount=1, cpus=2), studio_request("sqs_b")]
-    looked = count_looks(monkeypatch, trigger_module, "sqs_queue_state")
+    looked = count_looks(monkeypatch, queue_module, "sqs_queue_state")
     trigger = StudioQueueTrigger(queue, 2, aws_conn_id=aws_conn_id, poll_interval=0.2)
 
     def publish() -> None:
@@ -270,7 +271,7 @@ async def test_sqs_missing_queue_is_an_error_event(aws_conn_id):
 
 async def test_sqs_missing_queue_can_be_waited_for(monkeypatch, aws_conn_id, sqs):
     queue = unique("sqs_later_")
-    looked = count_looks(monkeypatch, trigger_module, "sqs_queue_state")
+    looked = count_looks(monkeypatch, queue_module, "sqs_queue_state")
     trigger = StudioQueueTrigger(queue, aws_conn_id=aws_conn_id, poll_interval=0.2, missing_queue="wait")
 
     def create_and_publish() -> None:
