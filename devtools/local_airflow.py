@@ -16,14 +16,16 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-from .services import REPO, Endpoints
+from .services import REPO, Endpoints, Server, free_port, port_free
 
 DEFAULT_HOME = REPO / ".local" / "airflow"
 API_PORT = 28080
+HEALTH_PARTS = ("metadatabase", "scheduler", "triggerer", "dag_processor")
 
 
 class AirflowError(RuntimeError):
@@ -44,6 +46,29 @@ class LocalAirflow:
     @property
     def log_file(self) -> Path:
         return self.home / "standalone.log"
+
+    @property
+    def pid_file(self) -> Path:
+        """The running Airflow's process group, so an interrupted demo's Airflow is found and stopped."""
+        return self.home / "standalone.pid.json"
+
+    def stop_leftover(self) -> bool:
+        """Stop an Airflow that an earlier, killed demo left running on this home: its scheduler
+        would pick up this run's tasks with that run's settings (ports, connections)."""
+        try:
+            leftover = Server(**json.loads(self.pid_file.read_text()))
+        except (OSError, ValueError, TypeError):
+            return False
+        self.pid_file.unlink(missing_ok=True)
+        if not leftover.alive():
+            return False
+        leftover.stop(timeout=30)
+        return True
+
+    def choose_port(self) -> None:
+        """Keep the usual UI port when it is free; another checkout's Airflow may hold it."""
+        if not port_free(self.port):
+            self.port = free_port()
 
     def environment(self) -> dict[str, str]:
         """Airflow settings and the ``aws_default`` connection (SeaweedFS) for every Airflow process."""
@@ -87,26 +112,38 @@ class LocalAirflow:
         self, command: tuple[str, ...] = ("standalone",), progress: Callable[[str], None] = print
     ) -> None:
         """Start ``airflow standalone`` (or only the API server, for browsing) and wait until healthy."""
+        self.home.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "airflow", *command],
                 env=self.environment(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
+        self.pid_file.write_text(json.dumps(asdict(Server.of("airflow", self.process.pid))))
+        needs = HEALTH_PARTS if command == ("standalone",) else ("metadatabase",)
+        started = time.monotonic()
+        said = started
+        while time.monotonic() - started < 180:
             if self.process.poll() is not None:
                 raise AirflowError(f"airflow {' '.join(command)} exited; see {self.log_file}")
-            if self._healthy(needs_scheduler=command == ("standalone",)):
+            waiting = self._unhealthy(needs)
+            if not waiting:
                 return
+            if time.monotonic() - said >= 15:
+                said = time.monotonic()
+                progress(
+                    f"waiting for Airflow ({time.monotonic() - started:.0f} s): {', '.join(waiting)} not healthy yet"
+                )
             time.sleep(1)
         raise AirflowError(f"Airflow did not become healthy in 180 s; see {self.log_file}")
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop every Airflow process we started (one process group)."""
         if self.process is None or self.process.poll() is not None:
+            self.pid_file.unlink(missing_ok=True)
             return
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
             try:
@@ -115,9 +152,10 @@ class LocalAirflow:
                 return
             try:
                 self.process.wait(wait)
-                return
+                break
             except subprocess.TimeoutExpired:
                 continue
+        self.pid_file.unlink(missing_ok=True)
 
     # --- the REST API --------------------------------------------------------------------------
     def api(self, method: str, path: str, body: Any = None) -> Any:
@@ -132,6 +170,30 @@ class LocalAirflow:
             raise AirflowError(
                 f"{method} {path}: HTTP {error.code}: {error.read()[:500].decode(errors='replace')}"
             ) from None
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        """Every task instance of one DAG run (mapped ones one by one), across the API's pages."""
+        found: list[dict[str, Any]] = []
+        while True:
+            page = self.api(
+                "GET", f"/dags/{dag_id}/dagRuns/{quote(run_id)}/taskInstances?limit=100&offset={len(found)}"
+            )
+            found.extend(page["task_instances"])
+            if not page["task_instances"] or len(found) >= page["total_entries"]:
+                return found
+
+    def task_log(self, ti: dict[str, Any]) -> Path:
+        """Where the task's log file is (Airflow's default ``log_filename_template``)."""
+        folder = (
+            self.home
+            / "logs"
+            / f"dag_id={ti['dag_id']}"
+            / f"run_id={ti['dag_run_id']}"
+            / f"task_id={ti['task_id']}"
+        )
+        if ti.get("map_index", -1) >= 0:
+            folder = folder / f"map_index={ti['map_index']}"
+        return folder / f"attempt={max(1, ti.get('try_number') or 1)}.log"
 
     def wait_for_dag(self, dag_id: str, timeout: float = 180) -> None:
         """Until the DAG processor has parsed ``dag_id`` without import errors."""
@@ -153,15 +215,11 @@ class LocalAirflow:
         with urllib.request.urlopen(f"{self.url}/auth/token", timeout=10) as answer:
             return json.loads(answer.read())["access_token"]
 
-    def _healthy(self, *, needs_scheduler: bool) -> bool:
+    def _unhealthy(self, parts: tuple[str, ...]) -> list[str]:
+        """The parts not yet healthy; all of them while the API server does not answer."""
         try:
             with urllib.request.urlopen(f"{self.url}/api/v2/monitor/health", timeout=3) as answer:
                 health = json.loads(answer.read())
         except (OSError, ValueError):
-            return False
-        parts = (
-            ("metadatabase", "scheduler", "triggerer", "dag_processor")
-            if needs_scheduler
-            else ("metadatabase",)
-        )
-        return all(health.get(part, {}).get("status") == "healthy" for part in parts)
+            return ["api server", *parts[1:]]
+        return [part for part in parts if (health.get(part) or {}).get("status") != "healthy"]
