@@ -15,10 +15,10 @@ DEMO_ARGS ?=
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml runner_image/pyproject.toml constraints.txt
-	@echo "==> creating $(VENV) and installing the provider, the runner and test tools"
+	@echo "==> creating $(VENV) and installing the provider, the runner and test tools (a minute or two)"
 	@test -x $(BIN)/python || { $(PYTHON) -m devtools.system && $(PYTHON) -m venv $(VENV); }
 	@$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv>=0.5"
-	@$(UV) pip install --quiet --python $(BIN)/python --constraint constraints.txt \
+	@$(UV) pip install --quiet --python $(BIN)/python --constraint constraints.txt --compile-bytecode \
 		--editable runner_image --editable ".[dev]"
 	@touch $@
 

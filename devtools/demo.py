@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             return _browse(airflow)
         say(f"starting Airflow on {airflow.url}: scheduler, DAG processor, triggerer, API server")
         airflow.start(progress=say)
-        airflow.wait_for_dag(DAG_ID)
+        airflow.wait_for_dag(DAG_ID, progress=say)
         airflow.api("PATCH", f"/dags/{DAG_ID}", {"is_paused": False})
         _end_leftover_runs(airflow)
         summaries = _run_campaign(airflow, services, args)
