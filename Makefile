@@ -1,6 +1,6 @@
 # Everything a fresh machine needs: `make demo` runs the ENN example end to end,
 # `make test` runs the test suite. Both set up what is missing first.
-# `make demo DEMO_ARGS="--generations 2 --population 4 --epochs 1"` is the reduced demo CI runs.
+# `make demo DEMO_ARGS="--generations 2 --population 4"` is the reduced demo CI runs.
 
 PYTHON ?= python3
 VENV := .venv

@@ -5,7 +5,7 @@ DAG in local execution mode: each genome is a StudioML experiment run by ``studi
 own cached virtualenv. Prints each generation as it finishes, then the table and the fitness plot.
 
     python -m devtools.demo [--population 8] [--generations 4] [--epochs 2] [--seed 3] [--keep-running]
-    python -m devtools.demo --generations 2 --population 4 --epochs 1   # the reduced demo CI runs
+    python -m devtools.demo --generations 2 --population 4   # the reduced demo CI runs
     python -m devtools.demo ui      # browse earlier runs in the Airflow UI (Ctrl-C stops it)
 
 It follows the campaign through Airflow's own state (DAG runs and task instances), never through
