@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import signal
 import sys
 import time
@@ -145,7 +146,8 @@ def _run_campaign(
     airflow: LocalAirflow, services: ServiceSet, args: argparse.Namespace
 ) -> list[dict[str, Any]]:
     """Trigger generation 0, then follow each generation's DAG run until one stops the chain."""
-    campaign = time.strftime("demo-%Y%m%d-%H%M%S")
+    # unique even for two demos started in the same second against one `make services` store
+    campaign = f"{time.strftime('demo-%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     conf = {
         "campaign": campaign,
         "generation": 0,

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import psutil
+
 from .services import REPO, Endpoints, Server, free_port, port_free
 
 DEFAULT_HOME = REPO / ".local" / "airflow"
@@ -117,7 +119,22 @@ class LocalAirflow:
         progress: Callable[[str], None] = print,
         timeout: float = 300,
     ) -> None:
-        """Start ``airflow standalone`` (or only the API server, for browsing) and wait until healthy."""
+        """Start ``airflow standalone`` (or only the API server, for browsing) and wait until healthy.
+
+        Another checkout's Airflow may take the port between our check and our bind; then its
+        health would look like ours and its API would get our DAG runs. So the answer must come
+        from our own process group, else we start again on a free port.
+        """
+        for _attempt in range(3):
+            if self._start_once(command, progress, timeout):
+                return
+            self.stop()
+            self.port = free_port()
+            progress(f"another Airflow took the port first; starting again on {self.url}")
+        raise AirflowError(f"another process kept taking Airflow's port; see {self.log_file}")
+
+    def _start_once(self, command: tuple[str, ...], progress: Callable[[str], None], timeout: float) -> bool:
+        """True once healthy, False when a process outside ours answers on the port."""
         self.home.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(
@@ -133,11 +150,14 @@ class LocalAirflow:
         started = time.monotonic()
         said = started
         while time.monotonic() - started < timeout:
+            listener = self._listener()
+            if listener is not None and not self._ours(listener):
+                return False
             if self.process.poll() is not None:
                 raise AirflowError(f"airflow {' '.join(command)} exited; see {self.log_file}")
-            waiting = self._unhealthy(needs)
+            waiting = self._unhealthy(needs) if listener is not None else ["api server", *needs[1:]]
             if not waiting:
-                return
+                return True
             if time.monotonic() - said >= 15:
                 said = time.monotonic()
                 progress(
@@ -145,6 +165,23 @@ class LocalAirflow:
                 )
             time.sleep(1)
         raise AirflowError(f"Airflow did not become healthy in {timeout:.0f} s; see {self.log_file}")
+
+    def _listener(self) -> int | None:
+        """The PID listening on our port (0 when it cannot be told, e.g. another user's); None if none."""
+        for connection in psutil.net_connections(kind="tcp"):
+            if (
+                connection.status == psutil.CONN_LISTEN
+                and connection.laddr
+                and connection.laddr.port == self.port
+            ):
+                return connection.pid or 0
+        return None
+
+    def _ours(self, pid: int) -> bool:
+        try:
+            return self.process is not None and pid > 0 and os.getpgid(pid) == self.process.pid
+        except ProcessLookupError:
+            return False
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop every Airflow process we started (one process group)."""
@@ -167,14 +204,18 @@ class LocalAirflow:
     def api(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(f"{self.url}/api/v2{path}", data=data, method=method)
-        request.add_header("Authorization", f"Bearer {self._token()}")
         request.add_header("Content-Type", "application/json")
         try:
+            request.add_header("Authorization", f"Bearer {self._token()}")
             with urllib.request.urlopen(request, timeout=30) as answer:
                 return json.loads(answer.read() or b"null")
         except urllib.error.HTTPError as error:
             raise AirflowError(
                 f"{method} {path}: HTTP {error.code}: {error.read()[:500].decode(errors='replace')}"
+            ) from None
+        except OSError as error:
+            raise AirflowError(
+                f"{method} {path}: Airflow at {self.url} did not answer ({error}); see {self.log_file}"
             ) from None
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
