@@ -201,21 +201,31 @@ class LocalAirflow:
         self.pid_file.unlink(missing_ok=True)
 
     # --- the REST API --------------------------------------------------------------------------
-    def api(self, method: str, path: str, body: Any = None) -> Any:
+    def api(self, method: str, path: str, body: Any = None, *, patience: float = 120) -> Any:
+        """One REST call. Reads (GET) are retried for ``patience`` seconds while the API server
+        does not answer: on 2 busy cores a single call can take longer than its 30 s timeout."""
+        deadline = time.monotonic() + (patience if method == "GET" else 0)
+        while True:
+            try:
+                return self._call(method, path, body)
+            except OSError as error:
+                if time.monotonic() >= deadline:
+                    raise AirflowError(
+                        f"{method} {path}: Airflow at {self.url} did not answer ({error}); see {self.log_file}"
+                    ) from None
+                time.sleep(3)
+
+    def _call(self, method: str, path: str, body: Any) -> Any:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(f"{self.url}/api/v2{path}", data=data, method=method)
         request.add_header("Content-Type", "application/json")
+        request.add_header("Authorization", f"Bearer {self._token()}")
         try:
-            request.add_header("Authorization", f"Bearer {self._token()}")
             with urllib.request.urlopen(request, timeout=30) as answer:
                 return json.loads(answer.read() or b"null")
         except urllib.error.HTTPError as error:
             raise AirflowError(
                 f"{method} {path}: HTTP {error.code}: {error.read()[:500].decode(errors='replace')}"
-            ) from None
-        except OSError as error:
-            raise AirflowError(
-                f"{method} {path}: Airflow at {self.url} did not answer ({error}); see {self.log_file}"
             ) from None
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
