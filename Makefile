@@ -1,5 +1,6 @@
 # Everything a fresh machine needs: `make demo` runs the ENN example end to end,
 # `make test` runs the test suite. Both set up what is missing first.
+# `make demo DEMO_ARGS="--generations 2 --population 4"` is the reduced demo CI runs.
 
 PYTHON ?= python3
 VENV := .venv
@@ -7,21 +8,22 @@ BIN := $(VENV)/bin
 UV := $(BIN)/uv
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: setup demo ui test lint services services-stop bench image clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml runner_image/pyproject.toml constraints.txt
-	@echo "==> creating $(VENV) and installing the provider, the runner and test tools"
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "==> creating $(VENV) and installing the provider, the runner and test tools (a minute or two)"
+	@test -x $(BIN)/python || { $(PYTHON) -m devtools.system && $(PYTHON) -m venv $(VENV); }
 	@$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv>=0.5"
-	@$(UV) pip install --quiet --python $(BIN)/python --constraint constraints.txt \
+	@$(UV) pip install --quiet --python $(BIN)/python --constraint constraints.txt --compile-bytecode \
 		--editable runner_image --editable ".[dev]"
 	@touch $@
 
 demo: setup
-	@$(BIN)/python -m devtools.demo
+	@$(BIN)/python -m devtools.demo $(DEMO_ARGS)
 
 ui: setup
 	@$(BIN)/python -m devtools.demo ui

@@ -2,7 +2,9 @@
 
 For checking the real NVML path on a GPU machine:
 ``.venv/bin/python bench/gpu_probe.py [--gpu-slots 'NVIDIA H100=64'] [--visible GPU-…]``.
-Log lines (why a card has its slots, why NVML did not start) go to stderr.
+Log lines (why a card has its slots, why NVML did not start) go to stderr. Without a usable GPU
+it says so (``"gpus": []``, ``"note"``), shows a CPU-only allocation and still exits 0: that is
+a result, not an error. With two or more cards the sample asks for two, as ``gpuCount: 2`` does.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def main() -> None:
         "visible": visible,
         "gpus": [asdict(card) for card in cards],
     }
+    if not usable:
+        report["note"] = "no usable NVIDIA GPU here (see the log line on stderr): the sample is CPU only"
 
     with tempfile.TemporaryDirectory() as working_dir:
         pool = ResourcePool.from_host(working_dir=Path(working_dir), cpu_only=not usable, gpus=cards)
@@ -55,7 +59,12 @@ def main() -> None:
         smallest = min((card.slots for card in usable), default=0)
         cores = min(2, pool.snapshot().cores_total)
         request = Resources(
-            cpus=cores, ram="1GiB", hdd="1GiB", gpus=smallest, gpu_mem="1GiB" if usable else ""
+            cpus=cores,
+            ram="1GiB",
+            hdd="1GiB",
+            gpus=smallest,
+            gpu_count=min(2, len(usable)),
+            gpu_mem="1GiB" if usable else "",
         )
         with pool.allocate(request) as allocation:
             report["sample_request"] = request.model_dump(mode="json")

@@ -64,6 +64,18 @@ PARAMS = {
 }
 
 
+RESOURCES = {
+    "cpus": 1,
+    "ram": "1g",
+    "hdd": "2g",
+    # StudioML counts cards in gpuCount; gpus is the slots each card must have (spec §4.6), so
+    # "GPU cards" asks for that many whole cards of any size, and 0 for none (gpus 0: no GPU)
+    "gpuCount": "{{ params.gpus_per_experiment }}",
+    "gpus": "{{ 1 if params.gpus_per_experiment else 0 }}",
+}
+"""Each experiment's StudioML ``resources_needed``; the pod's ``nvidia.com/gpu`` is ``gpuCount``."""
+
+
 def _campaign(params: dict[str, Any]):
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
     from enn.campaign import Campaign
@@ -122,7 +134,7 @@ def enn_generation():
         results_bucket="{{ params.bucket }}",
         aws_conn_id=AWS_CONN_ID,
         project="enn-{{ params.campaign }}",
-        resources_needed={"cpus": 1, "ram": "1g", "hdd": "2g", "gpus": "{{ params.gpus_per_experiment }}"},
+        resources_needed=RESOURCES,
         max_duration="20m",
         fail_on_experiment_error=False,  # a genome that fails scores nothing; the generation goes on
         map_index_template="{{ task.experiment_key }}",

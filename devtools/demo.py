@@ -5,23 +5,47 @@ DAG in local execution mode: each genome is a StudioML experiment run by ``studi
 own cached virtualenv. Prints each generation as it finishes, then the table and the fitness plot.
 
     python -m devtools.demo [--population 8] [--generations 4] [--epochs 2] [--seed 3] [--keep-running]
+    python -m devtools.demo --generations 2 --population 4   # the reduced demo CI runs
     python -m devtools.demo ui      # browse earlier runs in the Airflow UI (Ctrl-C stops it)
+
+It follows the campaign through Airflow's own state (DAG runs and task instances), never through
+what S3 happens to hold yet, so it behaves the same on a fresh machine and on one that ran it before.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import secrets
+import signal
 import sys
 import time
 from typing import Any
 
+from botocore.exceptions import ClientError
+
 from .local_airflow import DEFAULT_HOME, AirflowError, LocalAirflow
-from .services import DEFAULT_DATA_DIR, REPO, ServiceError, ServiceSet, load_running
+from .services import (
+    DEFAULT_DATA_DIR,
+    REPO,
+    Ports,
+    ServiceError,
+    ServiceSet,
+    fixed_ports_free,
+    forget_running,
+    load_running,
+    save_running,
+)
+from .system import SystemPackageError
 
 DAG_ID = "enn_generation"
 BUCKET = "studio-enn"
 OUTPUT_DIR = REPO / ".local" / "demo"
+POLL_SECONDS = 3.0
+PROGRESS_SECONDS = 30.0
+"""A line at least this often while a generation trains, so a long wait never looks like a hang."""
+ABSENT = {"NoSuchKey", "NoSuchBucket", "404"}
+"""S3 answers meaning "not written yet": a fresh store has no bucket until ``breed`` creates it."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,31 +55,54 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument(
+        "--generation-timeout",
+        type=float,
+        default=1800,
+        help="seconds one generation may take before the demo gives up (default 1800)",
+    )
     parser.add_argument("--keep-running", action="store_true", help="leave Airflow and the services running")
     args = parser.parse_args(argv)
+    for name in ("population", "generations", "epochs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    # SIGTERM (CI's timeout, a closed terminal) unwinds like Ctrl-C, so `finally` stops what we started
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     started = time.monotonic()
-    services, we_started = _services()
-    airflow = LocalAirflow(home=DEFAULT_HOME, endpoints=services.endpoints)
+    airflow: LocalAirflow | None = None
+    services: ServiceSet | None = None
+    we_started = False
     try:
-        say("preparing Airflow (SQLite in .local/airflow)")
+        services, we_started = _services()
+        airflow = LocalAirflow(home=DEFAULT_HOME, endpoints=services.endpoints)
+        if airflow.stop_leftover():
+            say("stopped the Airflow an interrupted earlier demo left running")
+        airflow.choose_port()
+        say("preparing Airflow (SQLite in .local/airflow; the first time takes about a minute)")
         airflow.migrate()
         if args.command == "ui":
             return _browse(airflow)
-        say("starting Airflow: scheduler, DAG processor, triggerer, API server")
+        say(f"starting Airflow on {airflow.url}: scheduler, DAG processor, triggerer, API server")
         airflow.start(progress=say)
-        airflow.wait_for_dag(DAG_ID)
+        airflow.wait_for_dag(DAG_ID, progress=say)
         airflow.api("PATCH", f"/dags/{DAG_ID}", {"is_paused": False})
+        _end_leftover_runs(airflow)
         summaries = _run_campaign(airflow, services, args)
         _report(summaries, services, args, time.monotonic() - started, airflow)
         return 0
-    except (AirflowError, ServiceError, CampaignFailed) as error:
+    except (AirflowError, ServiceError, SystemPackageError, CampaignFailed) as error:
         print(f"\ndemo failed: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\ndemo interrupted", file=sys.stderr)
+        return 130
     finally:
         if args.command == "ui" or not args.keep_running:
-            airflow.stop()
-            if we_started:
+            if airflow is not None:
+                airflow.stop()
+            if we_started and services is not None:
                 services.stop()
+                forget_running(services.data_dir)
 
 
 class CampaignFailed(RuntimeError):
@@ -67,20 +114,40 @@ def say(message: str) -> None:
 
 
 def _services() -> tuple[ServiceSet, bool]:
-    """The local servers: the ones already running from `make services`, or a fresh set."""
+    """The local servers: the ones already running from `make services`, or a fresh set.
+
+    A fresh set is recorded like `make services` records its own, so that if this process is
+    killed, the next demo reuses them and `make services-stop` stops them.
+    """
     running = load_running(DEFAULT_DATA_DIR)
     if running is not None:
-        say("using the local services already running")
+        say("using the local services already running (make services-stop stops them)")
         return running, False
     services = ServiceSet(data_dir=DEFAULT_DATA_DIR)
+    if not fixed_ports_free():
+        services.ports = Ports.free()
+        say("the demo's usual ports are taken (another checkout's demo?); using free ports")
     services.start(progress=lambda line: say(line))
+    save_running(services)
     return services, True
+
+
+def _end_leftover_runs(airflow: LocalAirflow) -> None:
+    """Runs an interrupted earlier demo left queued or running would hold the DAG's one active
+    run slot (``max_active_runs=1``), and this campaign would wait behind them forever."""
+    for state in ("running", "queued"):
+        runs = airflow.api("GET", f"/dags/{DAG_ID}/dagRuns?state={state}&limit=100")["dag_runs"]
+        for run in runs:
+            airflow.api("PATCH", f"/dags/{DAG_ID}/dagRuns/{run['dag_run_id']}", {"state": "failed"})
+            say(f"marked {run['dag_run_id']}, left {state} by an earlier demo, as failed")
 
 
 def _run_campaign(
     airflow: LocalAirflow, services: ServiceSet, args: argparse.Namespace
 ) -> list[dict[str, Any]]:
-    campaign = time.strftime("demo-%Y%m%d-%H%M%S")
+    """Trigger generation 0, then follow each generation's DAG run until one stops the chain."""
+    # unique even for two demos started in the same second against one `make services` store
+    campaign = f"{time.strftime('demo-%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     conf = {
         "campaign": campaign,
         "generation": 0,
@@ -93,61 +160,131 @@ def _run_campaign(
     say(
         f"campaign {campaign}: {args.generations} generations of {args.population} genomes, {args.epochs} epochs each"
     )
+    run_id = _run_id(campaign, 0)
     airflow.api(
         "POST",
         f"/dags/{DAG_ID}/dagRuns",
-        {"dag_run_id": f"{campaign}-gen-000", "logical_date": None, "conf": conf},
+        {"dag_run_id": run_id, "logical_date": None, "conf": conf},
     )
-    s3 = _s3(services)
-    reported: set[int] = set()
-    announced: set[str] = set()
+    s3 = services.endpoints.s3_client()
+    summaries: list[dict[str, Any]] = []
+    for generation in range(args.generations):
+        run_id = _run_id(campaign, generation)
+        tasks = _follow_run(airflow, run_id, generation, args)
+        summary = _s3_json(s3, f"enn/{campaign}/generation-{generation:03d}/summary.json")
+        if summary is None:
+            raise CampaignFailed(
+                f"{run_id} succeeded but wrote no summary; see the select task's log: "
+                f"{_log_of(airflow, tasks, 'select')}"
+            )
+        summaries.append(summary)
+        say(
+            f"generation {generation} done: best {_fitness(summary['best_fitness'])}, "
+            f"mean {_fitness(summary['mean_fitness'])}, {summary['experiments']} experiments, "
+            f"{summary['failures']} failed, {summary['wall_seconds'] or 0:.0f} s"
+        )
+        if summary["best_fitness"] is None:
+            raise CampaignFailed(
+                f"every experiment of generation {generation} failed; the first one's log: "
+                f"{_log_of(airflow, tasks, 'train')}"
+            )
+        following = {ti["task_id"]: ti["state"] for ti in tasks}.get("next_generation")
+        if following != "success":  # skipped: the generation limit or the target fitness was reached
+            break
+    return summaries
+
+
+def _run_id(campaign: str, generation: int) -> str:
+    return f"{campaign}-gen-{generation:03d}"
+
+
+def _follow_run(
+    airflow: LocalAirflow, run_id: str, generation: int, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """Wait for one generation's DAG run to end, with a progress line whenever its training moves
+    on (and every half minute regardless); its task instances once it succeeded, else CampaignFailed."""
+    started = time.monotonic()
+    said_at, said = 0.0, ""
     while True:
-        runs = {
-            run["dag_run_id"]: run
-            for run in airflow.api("GET", f"/dags/{DAG_ID}/dagRuns?limit=100")["dag_runs"]
-        }
-        ours = sorted(run_id for run_id in runs if run_id.startswith(f"{campaign}-gen-"))
-        for run_id in ours:
-            state = runs[run_id]["state"]
-            if state == "running" and run_id not in announced:
-                announced.add(run_id)
-                say(
-                    f"generation {int(run_id.rsplit('-', 1)[1])} is running ({run_id}); training {args.population} experiments"
-                )
-            if state == "failed":
-                raise CampaignFailed(
-                    f"DAG run {run_id} failed: open the Airflow UI (make ui) or see {airflow.home}/logs"
-                )
-        summaries = _summaries(s3, campaign)
-        for summary in summaries:
-            if summary["generation"] not in reported:
-                reported.add(summary["generation"])
-                say(
-                    f"generation {summary['generation']} done: best {summary['best_fitness']:.4f}, "
-                    f"mean {summary['mean_fitness']:.4f}, {summary['experiments']} experiments, "
-                    f"{summary['failures']} failed, {summary['wall_seconds']:.0f} s"
-                )
-        last = ours[-1] if ours else None
-        if last and runs[last]["state"] == "success":
-            time.sleep(3)  # a triggered next run shows up right after the trigger task ends
-            following = [
-                r
-                for r in airflow.api("GET", f"/dags/{DAG_ID}/dagRuns?limit=100")["dag_runs"]
-                if r["dag_run_id"].startswith(f"{campaign}-gen-") and r["dag_run_id"] > last
-            ]
-            if not following:
-                return _summaries(s3, campaign)
-        time.sleep(3)
+        if airflow.process is not None and airflow.process.poll() is not None:
+            raise AirflowError(f"Airflow stopped while generation {generation} ran; see {airflow.log_file}")
+        run = _dag_run(airflow, run_id)
+        tasks = airflow.task_instances(DAG_ID, run_id) if run is not None else []
+        state = run["state"] if run is not None else "not created yet"
+        if state == "success":
+            return tasks
+        if state == "failed":
+            raise CampaignFailed(_failure(airflow, run_id, tasks))
+        progress = _progress(state, tasks, args.population)
+        elapsed = time.monotonic() - started
+        if progress != said or elapsed - said_at >= PROGRESS_SECONDS:
+            say(f"generation {generation}: {progress} ({elapsed:.0f} s)")
+            said, said_at = progress, elapsed
+        if elapsed > args.generation_timeout:
+            raise CampaignFailed(
+                f"generation {generation} ({run_id}) did not finish within {args.generation_timeout:.0f} s "
+                f"(last: {progress}); see {airflow.log_file} and {airflow.home / 'logs'}"
+            )
+        time.sleep(POLL_SECONDS)
 
 
-def _s3(services: ServiceSet):
-    return services.endpoints.s3_client()
+def _dag_run(airflow: LocalAirflow, run_id: str) -> dict[str, Any] | None:
+    try:
+        return airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}")
+    except AirflowError as error:
+        if "HTTP 404" in str(error):
+            return None
+        raise
 
 
-def _summaries(s3, campaign: str) -> list[dict[str, Any]]:
-    listing = s3.list_objects_v2(Bucket=BUCKET, Prefix=f"enn/{campaign}/").get("Contents", [])
-    keys = sorted(item["Key"] for item in listing if item["Key"].endswith("/summary.json"))
-    return [json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()) for key in keys]
+def _progress(state: str, tasks: list[dict[str, Any]], population: int) -> str:
+    """ "breeding", "training 3/8 done, 2 running", "collecting", ... from the task states."""
+    if state != "running":
+        return f"run {state}"
+    states = {ti["task_id"]: ti["state"] for ti in tasks if ti["task_id"] != "train"}
+    train = [ti["state"] for ti in tasks if ti["task_id"] == "train" and ti.get("map_index", -1) >= 0]
+    if states.get("breed") != "success":
+        return "breeding the population"
+    if states.get("collect") not in ("success", "failed", "upstream_failed"):
+        finished = sum(s in ("success", "failed", "skipped") for s in train)
+        running = sum(s == "running" for s in train)
+        return f"training {finished}/{len(train) or population} experiments done, {running} running"
+    return "collecting results and selecting parents"
+
+
+def _failure(airflow: LocalAirflow, run_id: str, tasks: list[dict[str, Any]]) -> str:
+    """Which tasks failed and where their logs are: enough to act without opening the UI."""
+    failed = [ti for ti in tasks if ti["state"] == "failed"]
+    lines = [f"DAG run {run_id} failed"]
+    for ti in failed[:5]:
+        where = f"{ti['task_id']}[{ti['map_index']}]" if ti.get("map_index", -1) >= 0 else ti["task_id"]
+        lines.append(f"  task {where} failed; its log: {airflow.task_log(ti)}")
+    if len(failed) > 5:
+        lines.append(f"  ... and {len(failed) - 5} more failed tasks")
+    if not failed:
+        lines.append(f"  no task failed (the run was marked failed); see {airflow.log_file}")
+    lines.append(f"  in the UI: make ui, then {airflow.url}/dags/{DAG_ID}/runs/{run_id}")
+    return "\n".join(lines)
+
+
+def _log_of(airflow: LocalAirflow, tasks: list[dict[str, Any]], task_id: str) -> str:
+    ti = next((ti for ti in tasks if ti["task_id"] == task_id), None)
+    return str(airflow.task_log(ti)) if ti is not None else str(airflow.home / "logs")
+
+
+def _s3_json(s3: Any, key: str) -> Any:
+    """An S3 JSON document, or None while it (or its bucket) does not exist yet."""
+    try:
+        body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") in ABSENT:
+            return None
+        raise
+    return json.loads(body)
+
+
+def _fitness(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _report(
@@ -166,8 +303,8 @@ def _report(
     )
     for s in summaries:
         print(
-            f"{s['generation']:>10} {s['best_fitness']:>8.4f} {s['mean_fitness']:>8.4f} {s['worst_fitness']:>8.4f} "
-            f"{s['experiments']:>12} {s['failures']:>7} {s['wall_seconds']:>7.0f}s"
+            f"{s['generation']:>10} {_fitness(s['best_fitness']):>8} {_fitness(s['mean_fitness']):>8} "
+            f"{_fitness(s['worst_fitness']):>8} {s['experiments']:>12} {s['failures']:>7} {s['wall_seconds'] or 0:>7.0f}s"
         )
     first, last = summaries[0]["best_fitness"], summaries[-1]["best_fitness"]
     change = "improved" if last > first else "did not improve"
@@ -176,7 +313,7 @@ def _report(
     )
     OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
     plot = OUTPUT_DIR / f"{campaign}-fitness.png"
-    _s3(services).download_file(BUCKET, f"enn/{campaign}/fitness.png", str(plot))
+    services.endpoints.s3_client().download_file(BUCKET, f"enn/{campaign}/fitness.png", str(plot))
     print(f"fitness plot: {plot} (also s3://{BUCKET}/enn/{campaign}/fitness.png)")
     print(
         f"results: s3://{BUCKET}/experiments/ and s3://{BUCKET}/metadata/ on {services.endpoints.s3_endpoint}"

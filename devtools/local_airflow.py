@@ -16,14 +16,18 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-from .services import REPO, Endpoints
+import psutil
+
+from .services import REPO, Endpoints, Server, free_port, port_free
 
 DEFAULT_HOME = REPO / ".local" / "airflow"
 API_PORT = 28080
+HEALTH_PARTS = ("metadatabase", "scheduler", "triggerer", "dag_processor")
 
 
 class AirflowError(RuntimeError):
@@ -44,6 +48,29 @@ class LocalAirflow:
     @property
     def log_file(self) -> Path:
         return self.home / "standalone.log"
+
+    @property
+    def pid_file(self) -> Path:
+        """The running Airflow's process group, so an interrupted demo's Airflow is found and stopped."""
+        return self.home / "standalone.pid.json"
+
+    def stop_leftover(self) -> bool:
+        """Stop an Airflow that an earlier, killed demo left running on this home: its scheduler
+        would pick up this run's tasks with that run's settings (ports, connections)."""
+        try:
+            leftover = Server(**json.loads(self.pid_file.read_text()))
+        except (OSError, ValueError, TypeError):
+            return False
+        self.pid_file.unlink(missing_ok=True)
+        if not leftover.alive():
+            return False
+        leftover.stop(timeout=30)
+        return True
+
+    def choose_port(self) -> None:
+        """Keep the usual UI port when it is free; another checkout's Airflow may hold it."""
+        if not port_free(self.port):
+            self.port = free_port()
 
     def environment(self) -> dict[str, str]:
         """Airflow settings and the ``aws_default`` connection (SeaweedFS) for every Airflow process."""
@@ -67,6 +94,9 @@ class LocalAirflow:
             "AIRFLOW__API__PORT": str(self.port),
             "AIRFLOW__API__BASE_URL": self.url,
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
+            # a cold machine's first import of the providers takes tens of seconds on 2 busy cores
+            "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "120",
+            "AIRFLOW__DAG_PROCESSOR__DAG_FILE_PROCESSOR_TIMEOUT": "180",
             "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "10",
             "AIRFLOW__STUDIO__EXECUTION_MODE": "local",
             "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(aws),
@@ -84,29 +114,79 @@ class LocalAirflow:
             raise AirflowError(f"airflow db migrate failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
 
     def start(
-        self, command: tuple[str, ...] = ("standalone",), progress: Callable[[str], None] = print
+        self,
+        command: tuple[str, ...] = ("standalone",),
+        progress: Callable[[str], None] = print,
+        timeout: float = 300,
     ) -> None:
-        """Start ``airflow standalone`` (or only the API server, for browsing) and wait until healthy."""
+        """Start ``airflow standalone`` (or only the API server, for browsing) and wait until healthy.
+
+        Another checkout's Airflow may take the port between our check and our bind; then its
+        health would look like ours and its API would get our DAG runs. So the answer must come
+        from our own process group, else we start again on a free port.
+        """
+        for _attempt in range(3):
+            if self._start_once(command, progress, timeout):
+                return
+            self.stop()
+            self.port = free_port()
+            progress(f"another Airflow took the port first; starting again on {self.url}")
+        raise AirflowError(f"another process kept taking Airflow's port; see {self.log_file}")
+
+    def _start_once(self, command: tuple[str, ...], progress: Callable[[str], None], timeout: float) -> bool:
+        """True once healthy, False when a process outside ours answers on the port."""
+        self.home.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "airflow", *command],
                 env=self.environment(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
+        self.pid_file.write_text(json.dumps(asdict(Server.of("airflow", self.process.pid))))
+        needs = HEALTH_PARTS if command == ("standalone",) else ("metadatabase",)
+        started = time.monotonic()
+        said = started
+        while time.monotonic() - started < timeout:
+            listener = self._listener()
+            if listener is not None and not self._ours(listener):
+                return False
             if self.process.poll() is not None:
                 raise AirflowError(f"airflow {' '.join(command)} exited; see {self.log_file}")
-            if self._healthy(needs_scheduler=command == ("standalone",)):
-                return
+            waiting = self._unhealthy(needs) if listener is not None else ["api server", *needs[1:]]
+            if not waiting:
+                return True
+            if time.monotonic() - said >= 15:
+                said = time.monotonic()
+                progress(
+                    f"waiting for Airflow ({time.monotonic() - started:.0f} s): {', '.join(waiting)} not healthy yet"
+                )
             time.sleep(1)
-        raise AirflowError(f"Airflow did not become healthy in 180 s; see {self.log_file}")
+        raise AirflowError(f"Airflow did not become healthy in {timeout:.0f} s; see {self.log_file}")
+
+    def _listener(self) -> int | None:
+        """The PID listening on our port (0 when it cannot be told, e.g. another user's); None if none."""
+        for connection in psutil.net_connections(kind="tcp"):
+            if (
+                connection.status == psutil.CONN_LISTEN
+                and connection.laddr
+                and connection.laddr.port == self.port
+            ):
+                return connection.pid or 0
+        return None
+
+    def _ours(self, pid: int) -> bool:
+        try:
+            return self.process is not None and pid > 0 and os.getpgid(pid) == self.process.pid
+        except ProcessLookupError:
+            return False
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop every Airflow process we started (one process group)."""
         if self.process is None or self.process.poll() is not None:
+            self.pid_file.unlink(missing_ok=True)
             return
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
             try:
@@ -115,16 +195,31 @@ class LocalAirflow:
                 return
             try:
                 self.process.wait(wait)
-                return
+                break
             except subprocess.TimeoutExpired:
                 continue
+        self.pid_file.unlink(missing_ok=True)
 
     # --- the REST API --------------------------------------------------------------------------
-    def api(self, method: str, path: str, body: Any = None) -> Any:
+    def api(self, method: str, path: str, body: Any = None, *, patience: float = 120) -> Any:
+        """One REST call. Reads (GET) are retried for ``patience`` seconds while the API server
+        does not answer: on 2 busy cores a single call can take longer than its 30 s timeout."""
+        deadline = time.monotonic() + (patience if method == "GET" else 0)
+        while True:
+            try:
+                return self._call(method, path, body)
+            except OSError as error:
+                if time.monotonic() >= deadline:
+                    raise AirflowError(
+                        f"{method} {path}: Airflow at {self.url} did not answer ({error}); see {self.log_file}"
+                    ) from None
+                time.sleep(3)
+
+    def _call(self, method: str, path: str, body: Any) -> Any:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(f"{self.url}/api/v2{path}", data=data, method=method)
-        request.add_header("Authorization", f"Bearer {self._token()}")
         request.add_header("Content-Type", "application/json")
+        request.add_header("Authorization", f"Bearer {self._token()}")
         try:
             with urllib.request.urlopen(request, timeout=30) as answer:
                 return json.loads(answer.read() or b"null")
@@ -133,35 +228,64 @@ class LocalAirflow:
                 f"{method} {path}: HTTP {error.code}: {error.read()[:500].decode(errors='replace')}"
             ) from None
 
-    def wait_for_dag(self, dag_id: str, timeout: float = 180) -> None:
-        """Until the DAG processor has parsed ``dag_id`` without import errors."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        """Every task instance of one DAG run (mapped ones one by one), across the API's pages."""
+        found: list[dict[str, Any]] = []
+        while True:
+            page = self.api(
+                "GET", f"/dags/{dag_id}/dagRuns/{quote(run_id)}/taskInstances?limit=100&offset={len(found)}"
+            )
+            found.extend(page["task_instances"])
+            if not page["task_instances"] or len(found) >= page["total_entries"]:
+                return found
+
+    def task_log(self, ti: dict[str, Any]) -> Path:
+        """Where the task's log file is (Airflow's default ``log_filename_template``)."""
+        folder = (
+            self.home
+            / "logs"
+            / f"dag_id={ti['dag_id']}"
+            / f"run_id={ti['dag_run_id']}"
+            / f"task_id={ti['task_id']}"
+        )
+        if ti.get("map_index", -1) >= 0:
+            folder = folder / f"map_index={ti['map_index']}"
+        return folder / f"attempt={max(1, ti.get('try_number') or 1)}.log"
+
+    def wait_for_dag(
+        self, dag_id: str, timeout: float = 300, progress: Callable[[str], None] = print
+    ) -> None:
+        """Until the DAG processor has parsed ``dag_id``; an import error fails at once, except a
+        parse that timed out (a cold, busy machine), which the DAG processor soon tries again."""
+        started = time.monotonic()
+        said = started
+        while time.monotonic() - started < timeout:
             errors = self.api("GET", "/importErrors")["import_errors"]
-            if errors:
+            lasting = [e for e in errors if "AirflowTaskTimeout" not in e["stack_trace"]]
+            if lasting:
                 raise AirflowError(
-                    "DAG import errors:\n" + "\n".join(e["stack_trace"][-1500:] for e in errors)
+                    "DAG import errors:\n" + "\n".join(e["stack_trace"][-1500:] for e in lasting)
                 )
             try:
                 self.api("GET", f"/dags/{dag_id}")
                 return
             except AirflowError:
                 time.sleep(2)
+            if time.monotonic() - said >= 15:
+                said = time.monotonic()
+                slow = " (a parse timed out; it is tried again)" if errors else ""
+                progress(f"waiting for the DAG processor to parse {dag_id} ({said - started:.0f} s){slow}")
         raise AirflowError(f"DAG {dag_id} was not parsed within {timeout:.0f}s; see {self.log_file}")
 
     def _token(self) -> str:
         with urllib.request.urlopen(f"{self.url}/auth/token", timeout=10) as answer:
             return json.loads(answer.read())["access_token"]
 
-    def _healthy(self, *, needs_scheduler: bool) -> bool:
+    def _unhealthy(self, parts: tuple[str, ...]) -> list[str]:
+        """The parts not yet healthy; all of them while the API server does not answer."""
         try:
             with urllib.request.urlopen(f"{self.url}/api/v2/monitor/health", timeout=3) as answer:
                 health = json.loads(answer.read())
         except (OSError, ValueError):
-            return False
-        parts = (
-            ("metadatabase", "scheduler", "triggerer", "dag_processor")
-            if needs_scheduler
-            else ("metadatabase",)
-        )
-        return all(health.get(part, {}).get("status") == "healthy" for part in parts)
+            return ["api server", *parts[1:]]
+        return [part for part in parts if (health.get(part) or {}).get("status") != "healthy"]

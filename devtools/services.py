@@ -76,7 +76,7 @@ class Ports:
                 with socket.socket() as probe:
                     probe.bind(("127.0.0.1", 0))
                     port = probe.getsockname()[1]
-                if port in taken or (grpc_pair and (port > 55000 or not _port_free(port + 10000))):
+                if port in taken or (grpc_pair and (port > 55000 or not port_free(port + 10000))):
                     continue
                 taken.add(port)
                 if grpc_pair:
@@ -455,7 +455,8 @@ def _port_open(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
+    """Whether ``port`` can be bound on loopback now."""
     with socket.socket() as probe:
         try:
             probe.bind(("127.0.0.1", port))
@@ -506,6 +507,27 @@ def load_running(data_dir: Path = DEFAULT_DATA_DIR) -> ServiceSet | None:
     if running is None or not running.servers or not all(s.alive() for s in running.servers):
         return None
     return running
+
+
+def save_running(services: ServiceSet) -> None:
+    """Record servers started outside ``main`` (the demo's), so ``make services-stop`` or the next
+    demo finds them even when the process that started them was killed before it could stop them."""
+    _save(services)
+
+
+def forget_running(data_dir: Path = DEFAULT_DATA_DIR) -> None:
+    _state_file(data_dir).unlink(missing_ok=True)
+
+
+def fixed_ports_free() -> bool:
+    """Whether the demo's fixed ports are all free (another checkout's demo may hold them)."""
+    return all(port_free(port) for port in asdict(Ports.fixed()).values())
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _save(services: ServiceSet) -> None:

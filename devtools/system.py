@@ -36,6 +36,19 @@ def ensure(command: str, package: str) -> str:
     return found
 
 
+def ensure_venv_support() -> None:
+    """Debian ships ``venv``'s pip bootstrap (ensurepip) apart from Python, in python3.X-venv;
+    `make setup` runs this with the system Python before it creates ``.venv``."""
+    try:
+        import ensurepip  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        return
+    with _lock:
+        _install(f"python{sys.version_info.major}.{sys.version_info.minor}-venv")
+
+
 def _sbin(command: str) -> str | None:
     for folder in ("/usr/sbin", "/sbin", "/usr/lib/rabbitmq/bin"):
         candidate = os.path.join(folder, command)
@@ -60,3 +73,10 @@ def _install(package: str) -> None:
                 f"{' '.join(argv)} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
             )
     _updated = True
+
+
+if __name__ == "__main__":
+    try:
+        ensure_venv_support()
+    except SystemPackageError as error:
+        sys.exit(f"error: {error}")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pynvml
 import pytest
@@ -14,6 +15,11 @@ from studio_runner.gpus import (
     slots_for,
     visible_devices_from_env,
 )
+from studio_runner.jobenv import job_environment
+from studio_runner.layout import ExperimentLayout
+from studio_runner.pythonenv import Virtualenv
+from studio_runner.request import decode_request
+from studio_runner.resources import HostCapacity, ResourcePool, ResourceUnavailable
 
 MIB = 1024**2
 
@@ -186,3 +192,55 @@ def test_inventory_on_this_machine(caplog: pytest.LogCaptureFixture) -> None:
         assert "NVML did not start" in caplog.text
     with pytest.raises(pynvml.NVMLError_Uninitialized):
         pynvml.nvmlShutdown()  # inventory() left NVML shut down
+
+
+def test_a_two_card_request_gets_two_cards_and_its_workload_sees_both(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The ENN DAG's ``gpus_per_experiment: 2`` as the runner receives it (rendered templates are
+    strings): NVML's cards through the seam, two whole cards per experiment, both UUIDs exported."""
+    raw = [device(index) for index in range(5)]
+    monkeypatch.setattr(gpus, "_read_nvml", lambda: raw)
+    for name in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(name, raising=False)
+    request = decode_request(
+        {
+            "experiment": {
+                "key": "enn-gen000-g000",
+                "filename": "train_genome.py",
+                "resources_needed": {"cpus": 1, "ram": "1g", "hdd": "2g", "gpuCount": "2", "gpus": "1"},
+            }
+        }
+    )
+    pool = ResourcePool.from_host(
+        working_dir=tmp_path, host=HostCapacity(cores=8, ram=64 * GIB, disk_free=500 * GIB)
+    )
+    assert len(pool.gpus) == 5
+
+    first = pool.allocate(request.experiment.resources_needed)
+    second = pool.allocate(request.experiment.resources_needed)
+    assert [len(first.gpus), len(second.gpus)] == [2, 2]
+    assert not {card.uuid for card in first.gpus} & {card.uuid for card in second.gpus}, (
+        "cards are never shared"
+    )
+    with pytest.raises(ResourceUnavailable) as refused:
+        pool.allocate(request.experiment.resources_needed)  # one card left: the request waits
+    assert not refused.value.permanent
+
+    uuids = ",".join(card.uuid for card in first.gpus)
+    assert first.env()["CUDA_VISIBLE_DEVICES"] == first.env()["NVIDIA_VISIBLE_DEVICES"] == uuids
+    venv_path = tmp_path / "venv"
+    workload = job_environment(
+        request,
+        ExperimentLayout.create(tmp_path / "experiments", request.key),
+        venv=Virtualenv(
+            path=venv_path, python=venv_path / "bin" / "python", key="k", built=False, seconds=0.0
+        ),
+        allocation_env=first.env(),
+        base_env={"PATH": "/usr/bin:/bin"},
+    )
+    assert workload["CUDA_VISIBLE_DEVICES"] == workload["NVIDIA_VISIBLE_DEVICES"] == uuids
+    assert len(workload["CUDA_VISIBLE_DEVICES"].split(",")) == 2
+
+    first.release()
+    assert pool.snapshot().gpu_cards_free == 3
