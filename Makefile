@@ -16,6 +16,8 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml runner_image/pyproject.toml constraints.txt
 	@echo "==> creating $(VENV) and installing the provider, the runner and test tools (a minute or two)"
+	@$(PYTHON) -c 'import sys, tarfile; sys.exit(not hasattr(tarfile, "data_filter"))' \
+		|| { echo "$(PYTHON) is Python $$($(PYTHON) -c 'import platform; print(platform.python_version())'), which lacks tarfile's extraction filters (PEP 706): the runner needs 3.10.12+, 3.11.4+ or 3.12+. Install one (pyenv, or uv python install 3.12) and run: make PYTHON=/path/to/python3.12 $(MAKECMDGOALS)" >&2; exit 1; }
 	@test -x $(BIN)/python || { $(PYTHON) -m devtools.system && $(PYTHON) -m venv $(VENV); }
 	@$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv>=0.5"
 	@$(UV) pip install --quiet --python $(BIN)/python --constraint constraints.txt --compile-bytecode \

@@ -5,13 +5,11 @@ Airflow AWS connection."""
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any
 
-import pendulum
 from airflow.sdk import BaseOperator
-from airflow.sdk.api.datamodels._generated import DagRun, DagRunState, DagRunType, TIRunContext
-from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+from tests import task_context
 
 
 def seaweed_conn_json(services) -> str:
@@ -26,37 +24,8 @@ def seaweed_conn_json(services) -> str:
 
 
 def runtime_context(op: BaseOperator, *, run_id: str = "manual__2026-03-01T00:00:00+00:00") -> Any:
-    """The Task SDK's own template context for ``op``, as a worker builds it (no server needed)."""
-    when = pendulum.datetime(2026, 3, 1, tz="UTC")
-    dag_run = DagRun(
-        dag_id=op.dag_id,
-        run_id=run_id,
-        logical_date=when,
-        data_interval_start=when,
-        data_interval_end=when,
-        run_after=when,
-        start_date=when,
-        end_date=None,
-        run_type=DagRunType.MANUAL,
-        state=DagRunState.RUNNING,
-        consumed_asset_events=[],
-        partition_key=None,
-        conf={"generation": 12},
-    )
-    ti = RuntimeTaskInstance.model_construct(
-        id=uuid.uuid4(),
-        task_id=op.task_id,
-        dag_id=op.dag_id,
-        run_id=run_id,
-        try_number=1,
-        dag_version_id=uuid.uuid4(),
-        map_index=-1,
-        task=op,
-        start_date=when,
-        max_tries=0,
-    )
-    ti._ti_context_from_server = TIRunContext(dag_run=dag_run, max_tries=0)
-    return ti.get_template_context()
+    """The Task SDK's own template context for ``op`` in a manual run whose conf names generation 12."""
+    return task_context.runtime_context(op, conf={"generation": 12}, run_id=run_id)
 
 
 class RecordingTI:
