@@ -26,7 +26,7 @@ from .jobenv import job_environment, job_script_exports
 from .layout import ExperimentLayout
 from .lease import DEFAULT_PERIOD_SECONDS, LeaseKeeper, read_lease
 from .limits import TimeLimit, checkpoint_period, time_limit
-from .metadata import RunnerFacts, accession_id, scrape_file_name, write_scrape_file
+from .metadata import RunnerFacts, ScrapeFile, accession_id, scrape_file_name
 from .outcome import Outcome, Status
 from .pythonenv import VirtualenvCache
 from .reports import NO_REPORTS, Reporter
@@ -171,6 +171,10 @@ class _Attempt:
         self.allocation = allocation
         self.started = started
         self.accession = accession_id(runner.host, started)
+        # kept for the whole attempt, so each checkpoint reads only the console's new output
+        self.scrape_file = ScrapeFile(
+            layout.output_file, layout.metadata_dir, self.accession, schema_logs=runner.schema_logs
+        )
         self.artifacts = ArtifactSet(request, layout, runner.storage, cache=runner.cache, note=self.note)
         self.job_started: float | None = None
         self._retval_pending = False
@@ -274,14 +278,7 @@ class _Attempt:
             exit_code=exit_code,
             reason=reason or None,
         )
-        return write_scrape_file(
-            self.layout.output_file,
-            self.layout.metadata_dir,
-            self.accession,
-            before=facts.before(),
-            after=facts.after(),
-            schema_logs=self.runner.schema_logs,
-        )
+        return self.scrape_file.write(before=facts.before(), after=facts.after(), final=stopped is not None)
 
     def _finish(self, status: Status, reason: str, exit_code: int | None) -> Outcome:
         stopped = time.time()

@@ -22,11 +22,11 @@ import os
 import re
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import jsonpatch
 from jsonpointer import JsonPointer, JsonPointerException
@@ -290,6 +290,42 @@ def _escape(key: str) -> str:
     return key.replace("~", "~0").replace("/", "~1")
 
 
+def _merge_copying(target: dict[str, Any], key: str, new: Any) -> None:
+    """``_merge_member`` unguarded, for a ``target`` this pass owns: every object it merges
+    into is copied first, as the scraper's live document shares them."""
+    if key not in target:
+        target[key] = new
+        return
+    old = target[key]
+    if isinstance(new, dict) and isinstance(old, dict):
+        owned = target[key] = dict(old)
+        for child_key, child in new.items():
+            _merge_copying(owned, child_key, child)
+    elif new is None and isinstance(old, dict):
+        return
+    else:
+        target[key] = new
+
+
+def _own_parents(document: dict[str, Any], parts: list[str], fresh: set[int]) -> None:
+    """Copy the containers on the way to ``parts`` that this pass does not own yet (``fresh``)."""
+    node: Any = document
+    for part in parts[:-1]:
+        if isinstance(node, dict) and part in node:
+            key: Any = part
+        elif isinstance(node, list) and _ARRAY_INDEX.fullmatch(part) and int(part) < len(node):
+            key = int(part)
+        else:
+            return  # a missing parent: jsonpatch refuses the operation
+        child = node[key]
+        if not isinstance(child, (dict, list)):
+            return
+        if id(child) not in fresh:
+            child = node[key] = copy.copy(child)
+            fresh.add(id(child))
+        node = child
+
+
 # --- scraping --------------------------------------------------------------------------------
 
 
@@ -366,72 +402,223 @@ def write_scrape_file(
     limits: ScrapeLimits = DEFAULT_LIMITS,
     now: Callable[[], str] | None = None,
 ) -> Path | None:
-    """Scrape the console log into ``metadata_dir/scrape-host-<accession>.json``, one JSON line.
+    """Scrape the whole console log into ``metadata_dir/scrape-host-<accession>.json`` once.
 
-    Returns the path, or None when the scrape was rejected: then a stale file of that name is
-    removed, as upstream left no scrape file for such a pass. A missing console log counts as an
-    empty one, so an attempt that failed before its workload started still records the facts.
+    See ScrapeFile.write; an attempt that checkpoints keeps a ScrapeFile instead.
     """
-    target = metadata_dir / scrape_file_name(accession)
-    scraper = _Scraper(schema_logs=schema_logs, now=now, limits=limits)
-    try:
-        scraper.begin(before)
+    scrape_file = ScrapeFile(
+        output_file, metadata_dir, accession, schema_logs=schema_logs, limits=limits, now=now
+    )
+    return scrape_file.write(before=before, after=after)
+
+
+_BLOCK_BYTES = 1 << 20
+
+
+class ScrapeFile:
+    """One attempt's scrape file, regenerated at each checkpoint from what the console appended.
+
+    A run of many hours would otherwise re-read its whole console at every checkpoint. This keeps
+    the scraper's state and the byte offset of the first line not yet folded in, so a pass reads
+    only the new output; the last pass gives the document a single scrape of the whole log gives.
+    A checkpoint leaves a last line without its newline for the next pass (it may still grow);
+    the final pass takes it. Plain lines are stamped with the time of the pass that first reads
+    them, not re-stamped at every pass. Thread-safe: checkpoints run on their own thread.
+    """
+
+    def __init__(
+        self,
+        output_file: Path,
+        metadata_dir: Path,
+        accession: str,
+        *,
+        schema_logs: bool = True,
+        limits: ScrapeLimits = DEFAULT_LIMITS,
+        now: Callable[[], str] | None = None,
+    ) -> None:
+        self.output_file = output_file
+        self.metadata_dir = metadata_dir
+        self.accession = accession
+        self.target = metadata_dir / scrape_file_name(accession)
+        self._options = {"schema_logs": schema_logs, "now": now, "limits": limits}
+        self._lock = threading.Lock()
+        self._scraper: _Scraper | None = None
+        self._before: str | None = None
+        self._offset = 0
+        self._skipping = False  # inside a line longer than max_line_length, not yet at its end
+        self._rejected: ScrapeRejected | None = None
+
+    def write(
+        self, *, before: Sequence[Any] = (), after: Sequence[Any] = (), final: bool = True
+    ) -> Path | None:
+        """Write the document as one JSON line; return its path, or None when it was rejected.
+
+        A rejected document leaves no file (a stale one is removed), as upstream left no scrape
+        file for such a pass; a console line's rejection stands for every later pass. A missing
+        console log counts as an empty one, so an attempt that failed before its workload
+        started still records the facts.
+        """
         try:
-            with open(output_file, "rb") as stream:
-                for line in _console_lines(stream, limits.max_line_length):
-                    scraper.feed(line)
+            document = self.document(before=before, after=after, final=final)
+        except ScrapeRejected as rejected:
+            logger.warning("no scrape file for %s this pass: %s", self.accession, rejected)
+            self.target.unlink(missing_ok=True)
+            return None
+        text = json.dumps(document, sort_keys=True, allow_nan=False) + "\n"
+        self.metadata_dir.mkdir(parents=True, exist_ok=True)
+        # Written aside and renamed so that an upload never sees half a document.
+        partial = self.metadata_dir / f".{self.target.name}.partial"
+        try:
+            partial.write_text(text, encoding="ascii")
+            os.replace(partial, self.target)
+        finally:
+            partial.unlink(missing_ok=True)
+        return self.target
+
+    def document(
+        self, *, before: Sequence[Any] = (), after: Sequence[Any] = (), final: bool = True
+    ) -> dict[str, Any]:
+        """This pass's document, after reading what the console appended; raises ScrapeRejected.
+
+        ``before`` is applied once, ahead of the first line: when a pass brings other ``before``
+        directives, or the console log has shrunk (replaced), the scrape starts over.
+        """
+        with self._lock:
+            scraper = self._scraper
+            key = _directives_key(before)
+            if scraper is None or key is None or key != self._before or self._size() < self._offset:
+                scraper = self._scraper = _Scraper(**self._options)  # type: ignore[arg-type]
+                self._before, self._offset, self._skipping, self._rejected = key, 0, False, None
+                try:
+                    scraper.begin(before)
+                except ScrapeRejected as rejected:
+                    self._rejected = rejected
+            if self._rejected is not None:
+                raise self._rejected
+            scraper.new_pass()
+            try:
+                self._read(scraper, final)
+            except ScrapeRejected as rejected:
+                self._rejected = rejected
+                raise
+            return scraper.finish(after)
+
+    def _size(self) -> int:
+        try:
+            return self.output_file.stat().st_size
         except FileNotFoundError:
-            logger.info("console log %s is missing; scraping the runner's facts only", output_file)
-        document = scraper.finish(after)
-    except ScrapeRejected as rejected:
-        logger.warning("no scrape file for %s this pass: %s", accession, rejected)
-        target.unlink(missing_ok=True)
-        return None
-    text = json.dumps(document, sort_keys=True, allow_nan=False) + "\n"
-    metadata_dir.mkdir(parents=True, exist_ok=True)
-    # Written aside and renamed so that an upload never sees half a document.
-    partial = metadata_dir / f".{target.name}.partial"
-    try:
-        partial.write_text(text, encoding="ascii")
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
-    return target
+            return 0
 
-
-def _console_lines(stream: BinaryIO, max_length: int) -> Iterator[str | None]:
-    """Lines of a console log split on ``\\n`` only (as upstream), None for each overlong one.
-
-    An overlong line is skipped without holding it in memory; invalid UTF-8 becomes U+FFFD.
-    """
-    while True:
-        chunk = stream.readline(max_length + 1)
-        if not chunk:
+    def _read(self, scraper: _Scraper, final: bool) -> None:
+        """Fold the complete lines after the offset into ``scraper``, and on the final pass the tail."""
+        limit = scraper.limits.max_line_length
+        tail = b""  # the start of a line whose newline has not been read yet
+        try:
+            stream = self.output_file.open("rb")
+        except FileNotFoundError:
+            logger.info("console log %s is missing; scraping the runner's facts only", self.output_file)
             return
-        if chunk.endswith(b"\n"):
-            yield chunk[:-1].decode("utf-8", errors="replace")
-        elif len(chunk) <= max_length:
-            yield chunk.decode("utf-8", errors="replace")
-        else:
-            while chunk and not chunk.endswith(b"\n"):
-                chunk = stream.readline(1 << 20)
-            yield None
+        with stream:
+            stream.seek(self._offset)
+            while block := stream.read(_BLOCK_BYTES):
+                if self._skipping:
+                    cut = block.find(b"\n")
+                    if cut < 0:
+                        self._offset += len(block)
+                        continue
+                    self._skipping = False
+                    self._offset += cut + 1
+                    scraper.feed(None)
+                    block = block[cut + 1 :]
+                data = tail + block if tail else block
+                cut = data.rfind(b"\n")
+                if cut >= 0:
+                    _feed_bytes(scraper, data[:cut], limit)
+                    self._offset += cut + 1
+                    data = data[cut + 1 :]
+                tail = data
+                if len(tail) > limit:
+                    self._skipping = True
+                    self._offset += len(tail)
+                    tail = b""
+        if not final:
+            return
+        if self._skipping:
+            self._skipping = False
+            scraper.feed(None)
+        elif tail:
+            scraper.feed_lines([tail.decode("utf-8", errors="replace")])
+            self._offset += len(tail)
 
 
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text} is out of range")
-    return value
+def _directives_key(directives: Sequence[Any]) -> str | None:
+    """Directives as canonical JSON, to tell whether a pass brings the same ones; None if not JSON."""
+    try:
+        return json.dumps(list(directives), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError):
+        return None
+
+
+def _feed_bytes(scraper: _Scraper, chunk: bytes, limit: int) -> None:
+    """Feed complete console lines (``chunk`` holds no final newline), split on ``\\n`` only.
+
+    Decoded at once, invalid UTF-8 as U+FFFD: a newline byte ends any broken sequence, so each
+    line reads as if decoded alone. A line over ``limit`` bytes counts as one too long.
+    """
+    lines = chunk.decode("utf-8", errors="replace").split("\n")
+    if max(map(len, lines)) * 4 <= limit:  # no character takes more than 4 bytes
+        scraper.feed_lines(lines)
+        return
+    batch: list[str] = []
+    for raw, line in zip(chunk.split(b"\n"), lines, strict=True):
+        if len(raw) <= limit:
+            batch.append(line)
+            continue
+        scraper.feed_lines(batch)
+        batch = []
+        scraper.feed(None)
+    scraper.feed_lines(batch)
 
 
 def _no_constant(text: str) -> Any:
     raise ValueError(f"{text} is not JSON")
 
 
-def _loads(line: str) -> Any:
-    """Strict JSON: NaN, Infinity and numbers that overflow a float are not JSON."""
-    return json.loads(line, parse_float=_finite_float, parse_constant=_no_constant)
+class _StrictDecoder(json.JSONDecoder):
+    """Strict JSON (NaN, Infinity and numbers that overflow a float are not JSON), one per scraper.
+
+    It also counts how much longer ``json.dumps`` writes the floats of the last value than its
+    text did (``1e5`` becomes ``100000.0``), for the size bound of ``_growth``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(parse_float=self._float, parse_constant=_no_constant)
+        self.float_growth = 0
+
+    def _float(self, text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"number {text} is out of range")
+        # Without an exponent and under 19 characters, repr is never longer than the text.
+        if len(text) > 18 or "e" in text or "E" in text:
+            self.float_growth += max(len(repr(value)) - len(text), 0)
+        return value
+
+    def value(self, line: str) -> Any:
+        self.float_growth = 0
+        return self.decode(line)
+
+
+def _growth(line: str, value: Any, float_growth: int) -> int:
+    """At least ``len(json.dumps(value))`` for ``value`` decoded from ``line``, without encoding it.
+
+    For ASCII text, ``json.dumps`` writes no token longer than the line did except floats (counted
+    by the decoder), and adds at most a space after each ``,`` and ``:`` not already followed by
+    one (counting those inside strings too only over-counts).
+    """
+    if not line.isascii():
+        return len(json.dumps(value))  # "\uXXXX" escapes: rare enough to encode
+    return len(line) + line.count(",") - line.count(", ") + line.count(":") - line.count(": ") + float_growth
 
 
 def _nesting(value: Any, cap: int) -> int:
@@ -487,6 +674,11 @@ class _Scraper:
         self.size = 0
         self.depth = 0
         self.full = False
+        self._decoder = _StrictDecoder()
+
+    def new_pass(self) -> None:
+        """Lines read from here on get this pass's time stamp (read when the first is logged)."""
+        self._stamp = None
 
     # The runner's directives: trusted, §5.3 as written.
 
@@ -499,26 +691,86 @@ class _Scraper:
         self.depth = _nesting(self.document, 1 << 30)
 
     def finish(self, after: Sequence[Any]) -> dict[str, Any]:
-        if isinstance(self.document.get(STUDIOML), dict):
-            dropped = dict(sorted(self.dropped.items()))
-            self.document[STUDIOML]["dropped_lines"] = dropped
-        for index, directive in enumerate(after, 1):
-            self._trusted(directive, f"runner directive {index} (after)")
-        return self.document
+        """The document with the drop counts and ``after``; the scraper's own state is left as it
+        was (the containers ``after`` edits are copied first), so it can go on with more lines."""
+        live = self.document
+        self.document = dict(live)
+        fresh = {id(self.document)}
+        try:
+            studioml = self.document.get(STUDIOML)
+            if isinstance(studioml, dict):
+                studioml = self.document[STUDIOML] = dict(studioml)
+                fresh.add(id(studioml))
+                studioml["dropped_lines"] = dict(sorted(self.dropped.items()))
+            for index, directive in enumerate(after, 1):
+                self._trusted(directive, f"runner directive {index} (after)", fresh=fresh)
+            return self.document
+        finally:
+            self.document = live
 
-    def _trusted(self, directive: Any, where: str) -> None:
+    def _trusted(self, directive: Any, where: str, *, fresh: set[int] | None = None) -> None:
+        """Apply a runner directive; with ``fresh`` (ids of containers this pass owns), copy
+        every other container it would change before changing it."""
         try:
             value = json.loads(json.dumps(directive, allow_nan=False))
         except (TypeError, ValueError) as error:
             raise ValueError(f"{where} is not JSON: {error}") from None
         if isinstance(value, list):
             self._check_ops(value, where, guarded=False)
-            self._apply_ops(value, where, guarded=False)
+            self._apply_ops(value, where, guarded=False, fresh=fresh)
         elif isinstance(value, dict):
             for key, new in value.items():
-                _merge_member(self.document, key, new, None)
+                if fresh is None:
+                    _merge_member(self.document, key, new, None)
+                else:
+                    _merge_copying(self.document, key, new)
 
     # Console lines: untrusted, append-only under /studioml, bounded.
+
+    def feed_lines(self, lines: Iterable[str]) -> None:
+        """``feed`` for lines no longer than ``max_line_length``: the hot loop of a scrape.
+
+        Once the log is full, a plain line costs a strip and a count here.
+        """
+        schema_logs = self.schema_logs
+        number = self.line
+        quiet = self._quiet()
+        skipped = 0
+        for raw in lines:
+            number += 1
+            line = raw.strip()
+            if len(line) <= 2:
+                continue
+            first = line[0]
+            last = line[-1]
+            if (first == "{" and last == "}") or (first == "[" and last == "]"):
+                self.line = number
+                self._console_directive(line)
+            elif not schema_logs:
+                continue
+            elif quiet is not None:
+                skipped += 1
+                continue
+            else:
+                self.line = number
+                self._console_log(line)
+            now_quiet = self._quiet()
+            if now_quiet != quiet:
+                if skipped:
+                    self.dropped[quiet] += skipped  # type: ignore[index]
+                    skipped = 0
+                quiet = now_quiet
+        self.line = number
+        if skipped:
+            self.dropped[quiet] += skipped  # type: ignore[index]
+
+    def _quiet(self) -> str | None:
+        """Why a plain console line would be dropped now, or None while it would be logged."""
+        if self.full:
+            return "size_limit"
+        if self.log_lines >= self.limits.max_log_lines:
+            return "log_limit"
+        return None
 
     def feed(self, raw: str | None) -> None:
         """One console line; None stands for a line too long to read."""
@@ -559,28 +811,32 @@ class _Scraper:
             self.dropped["size_limit"] += 1
             return
         try:
-            value = _loads(line)
+            value = self._decoder.value(line)
         except RecursionError:
             self.dropped["too_deep"] += 1
             return
         except ValueError:
             return  # JSON-looking but not JSON: ignored (spec §5.2)
-        where = self._where()
         cap = self.limits.max_depth
         if isinstance(value, dict):
-            depth = _nesting(value, cap)
+            # as many brackets as the document is deep already: the walk cannot change anything
+            if line.count("{") + line.count("[") <= min(self.depth, cap):
+                depth = self.depth
+            else:
+                depth = _nesting(value, cap)
             if depth > cap:
                 self.dropped["too_deep"] += 1
                 return
-            if not self._fits(len(json.dumps(value))):
+            if not self._fits(_growth(line, value, self._decoder.float_growth)):
                 return
             try:
                 for key, new in value.items():
                     _merge_member(self.document, key, new, "/studioml" if key == STUDIOML else None)
             except _AppendOnly as refused:
-                raise self._append_only(refused, where) from None
+                raise self._append_only(refused, self._where()) from None
             self.depth = max(self.depth, depth)
         elif isinstance(value, list) and _is_patch(value):
+            where = self._where()
             self._check_ops(value, where, guarded=True)
             depth = self._patch_depth(value, _nesting(value, cap + 2))
             if depth > cap:
@@ -681,10 +937,17 @@ class _Scraper:
                     where, f"operation {name!r} on the root would replace the whole document"
                 )
 
-    def _apply_ops(self, ops: list[dict[str, Any]], where: str, *, guarded: bool) -> None:
+    def _apply_ops(
+        self, ops: list[dict[str, Any]], where: str, *, guarded: bool, fresh: set[int] | None = None
+    ) -> None:
         for index, op in enumerate(ops, 1):
             if guarded and op["op"] == "add":
                 self._guard_add(op["path"], where)
+            if fresh is not None:
+                for pointer in (op.get("path"), op.get("from") if op["op"] == "move" else None):
+                    parts = _pointer_parts(pointer)
+                    if parts:
+                        _own_parents(self.document, parts, fresh)
             try:
                 result = jsonpatch.JsonPatch([op]).apply(self.document, in_place=True)
             except _PATCH_ERRORS as error:

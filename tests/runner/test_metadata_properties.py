@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from studio_runner.metadata import (
     RunnerFacts,
+    ScrapeFile,
     ScrapeLimits,
     ScrapeRejected,
     log_patch,
@@ -264,3 +265,85 @@ def test_write_scrape_file_writes_one_json_line_or_nothing(console: bytes) -> No
         text = path.read_text(encoding="ascii")
         assert text.endswith("\n") and text.count("\n") == 1
         assert isinstance(json.loads(text), dict)
+
+
+# --- incremental passes ----------------------------------------------------------------------
+
+# Console bytes: lines as workloads print them, raw bytes (broken UTF-8, \r, no final newline),
+# and lines past a small max_line_length.
+consoles = (
+    st.lists(console_lines, max_size=8).map(lambda ls: "\n".join(ls).encode())
+    | st.lists(console_lines, max_size=8).map(lambda ls: "".join(f"{line}\n" for line in ls).encode())
+    | st.binary(max_size=200)
+    | st.lists(
+        st.sampled_from([b"x" * 70, b"\xc3\xa9" * 31, b'{"a": 1e5}', b"\n", b" \r\n"]), max_size=6
+    ).map(b"".join)
+)
+limit_sets = st.sampled_from([ScrapeLimits(), SMALL])
+
+
+def file_outcome(scrape_file: ScrapeFile, before: list[Any], after: list[Any], final: bool) -> str | None:
+    try:
+        return strict(scrape_file.document(before=before, after=after, final=final))
+    except ScrapeRejected:
+        return None
+
+
+@PROPERTY
+@given(
+    console=consoles,
+    cuts=st.lists(st.integers(min_value=0, max_value=300), max_size=4),
+    before=befores,
+    checkpoint_afters=st.lists(afters, min_size=4, max_size=4),
+    after=afters,
+    limits=limit_sets,
+    schema_logs=st.booleans(),
+)
+def test_checkpoints_then_a_final_pass_give_what_one_full_scrape_gives(
+    console: bytes,
+    cuts: list[int],
+    before: list[Any],
+    checkpoint_afters: list[list[Any]],
+    after: list[Any],
+    limits: ScrapeLimits,
+    schema_logs: bool,
+) -> None:
+    """However the output arrives between passes (mid-line, mid-character), and whatever the
+    checkpoints' own ``after`` directives did, the final document is the full scrape's."""
+    options: dict[str, Any] = {"schema_logs": schema_logs, "limits": limits, "now": stamp}
+    with tempfile.TemporaryDirectory() as folder:
+        output, metadata = Path(folder) / "output", Path(folder) / "_metadata"
+        incremental = ScrapeFile(output, metadata, "h-1", **options)
+        written = 0
+        for cut, checkpoint_after in zip(sorted(cuts), checkpoint_afters, strict=False):
+            with output.open("ab") as stream:
+                stream.write(console[written:cut])
+            written = max(written, min(cut, len(console)))
+            file_outcome(incremental, before, checkpoint_after, final=False)
+        with output.open("ab") as stream:
+            stream.write(console[written:])
+        whole = file_outcome(ScrapeFile(output, metadata, "h-2", **options), before, after, final=True)
+        assert file_outcome(incremental, before, after, final=True) == whole
+
+
+@PROPERTY
+@given(console=consoles, limits=limit_sets, schema_logs=st.booleans())
+def test_the_file_reader_folds_the_lines_scrape_would(
+    console: bytes, limits: ScrapeLimits, schema_logs: bool
+) -> None:
+    """Blocks decoded at once and fed in bulk give what decoding and feeding each line gives."""
+    pieces = console.split(b"\n")
+    if pieces[-1] == b"":
+        pieces.pop()
+    lines = [None if len(p) > limits.max_line_length else p.decode("utf-8", errors="replace") for p in pieces]
+    try:
+        expected = strict(scrape(lines, schema_logs=schema_logs, limits=limits, now=stamp))  # type: ignore[arg-type]
+    except ScrapeRejected:
+        expected = None
+    with tempfile.TemporaryDirectory() as folder:
+        output = Path(folder) / "output"
+        output.write_bytes(console)
+        scrape_file = ScrapeFile(
+            output, Path(folder), "h-1", schema_logs=schema_logs, limits=limits, now=stamp
+        )
+        assert file_outcome(scrape_file, [], [], final=True) == expected
