@@ -23,6 +23,7 @@ from . import logs
 from .amqp_urls import with_password
 from .archive import missing_extraction_filters
 from .cache import DownloadCache
+from .envcache import EnvPackCache
 from .envelope import RunnerKeyring, open_message
 from .experiment import ExperimentRunner
 from .gpus import inventory, parse_slot_overrides, visible_devices_from_env
@@ -68,6 +69,14 @@ EXPERIMENT_OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
     ("--gpu-slots", _names, (), "slots per GPU model the built-in table lacks, e.g. 'H100=80'"),
     ("--job-env", _names, (), "runner environment variables passed on to workloads"),
     ("--installer", str, "auto", "virtualenv installer: 'pip', 'uv', or 'auto' (uv when installed)"),
+    ("--env-cache-uri", str, None, "s3://host:port/bucket/prefix where built virtualenvs are shared, packed"),
+    (
+        "--env-cache-dir",
+        Path,
+        None,
+        "node-local folder of packed virtualenvs, consulted before --env-cache-uri",
+    ),
+    ("--env-cache-dir-size", parse_size, 20 * 1024**3, "bound of --env-cache-dir (least recently used out)"),
     ("--grace-period", parse_seconds, 30.0, "how long a stopping workload gets before SIGKILL"),
     ("--schema-logs", FLAG, True, "record plain console lines in the scrape document"),
     ("--s3-https", FLAG, False, "use HTTPS for non-AWS s3://host:port endpoints"),
@@ -194,10 +203,16 @@ def _runner(args: argparse.Namespace, *, serve: bool) -> ExperimentRunner:
         ca_bundle=args.s3_ca,
         default_region=os.environ.get("AWS_DEFAULT_REGION") or StorageSettings.default_region,
     )
+    storage = Storage(settings)
     return ExperimentRunner(
         working_dir=working_dir,
-        storage=Storage(settings),
-        venvs=VirtualenvCache(cache_dir / "venvs", passthrough=args.job_env, uv=_uv(args.installer)),
+        storage=storage,
+        venvs=VirtualenvCache(
+            cache_dir / "venvs",
+            passthrough=args.job_env,
+            uv=_uv(args.installer),
+            packs=_env_packs(args, storage, cache_dir),
+        ),
         resources=pool,
         cache=DownloadCache(cache_dir / "downloads", args.cache_size),
         schema_logs=args.schema_logs,
@@ -207,6 +222,26 @@ def _runner(args: argparse.Namespace, *, serve: bool) -> ExperimentRunner:
         retval_refresh_seconds=5.0 if serve else None,
         on_line=None if serve else _print_line,
     )
+
+
+def _env_packs(args: argparse.Namespace, storage: Storage, cache_dir: Path) -> EnvPackCache | None:
+    """The shared cache of packed virtualenvs, when an option asks for one."""
+    if not args.env_cache_uri and args.env_cache_dir is None:
+        return None
+    try:
+        packs = EnvPackCache(
+            storage=storage,
+            uri=args.env_cache_uri or None,
+            local_dir=args.env_cache_dir,
+            scratch_dir=cache_dir / "envpacks",
+            local_max_bytes=args.env_cache_dir_size,
+        )
+    except ValueError as error:
+        raise _UsageError(f"--env-cache-uri: {error}") from None
+    except OSError as error:
+        raise _UsageError(f"--env-cache-dir: cannot create {error.filename}: {error.strerror}") from None
+    log.info("packed virtualenvs shared through %s", packs.describe())
+    return packs
 
 
 def _uv(installer: str) -> Path | None:

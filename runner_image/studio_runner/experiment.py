@@ -218,9 +218,12 @@ class _Attempt:
             venv = self.runner.venvs.ensure(request.experiment.pythonver, requirements, log=_debug)
             for warning in venv.warnings:
                 self.note(warning)
-            self.note(
-                f"python environment {venv.key} ({'built' if venv.built else 'cached'}, {venv.seconds:.1f}s)"
-            )
+            if venv.restored:
+                self.note(f"environment {venv.key} restored from cache in {venv.seconds:.1f} s")
+            else:
+                self.note(
+                    f"python environment {venv.key} ({'built' if venv.built else 'cached'}, {venv.seconds:.1f}s)"
+                )
             allocation_env = self.allocation.env()
             passthrough = self.runner.env_passthrough
             script = write_job_script(

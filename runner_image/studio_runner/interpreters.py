@@ -13,6 +13,7 @@ import platform
 import re
 import subprocess
 import sys
+import sysconfig
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,10 +22,12 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 _PROBE = (
-    "import sys, json, platform\n"
+    "import sys, json, platform, sysconfig\n"
     "base = getattr(sys, 'base_prefix', getattr(sys, 'real_prefix', sys.prefix))\n"
     "print(json.dumps({'executable': sys.executable, 'version': platform.python_version(),"
     " 'info': list(sys.version_info[:5]),"
+    " 'abi': [platform.python_implementation(), sysconfig.get_config_var('SOABI'),"
+    " sysconfig.get_platform(), list(platform.libc_ver())],"
     " 'venv': sys.prefix != base or hasattr(sys, 'real_prefix')}))\n"
 )
 _PATH_PYTHON = re.compile(r"^python(\d+)\.(\d+)$")
@@ -51,6 +54,9 @@ class Interpreter:
     path: Path
     version: str
     warning: str = ""
+    abi: str = ""
+    """Implementation, SOABI, platform and libc: what a built environment depends on besides
+    the version, so a packed one is only shared between interpreters that can run it."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,7 @@ class _Found:
     real: str
     version: str
     order: tuple
+    abi: str = ""
 
 
 _probe_cache: dict[tuple, _Found | None] = {}
@@ -96,12 +103,13 @@ def find_interpreter(
     matching = [c for c in candidates if c.version.split(".")[: len(parts)] == parts]
     if matching:
         best = max(matching, key=lambda c: c.order)
-        return Interpreter(path=best.path, version=best.version)
+        return Interpreter(path=best.path, version=best.version, abi=best.abi)
     installed = ", ".join(sorted({c.version for c in candidates}, key=_version_order)) or own.version
     if parts[0] == own.version.split(".")[0]:
         return Interpreter(
             path=own.path,
             version=own.version,
+            abi=own.abi,
             warning=(
                 f"Python {wanted} was requested but is not installed on this runner "
                 f"(installed: {installed}); running with Python {own.version} instead"
@@ -129,7 +137,22 @@ def _runner_interpreter() -> Interpreter:
             if candidate.exists():
                 base = str(candidate)
                 break
-    return Interpreter(path=Path(base), version=platform.python_version())
+    return Interpreter(path=Path(base), version=platform.python_version(), abi=_own_abi())
+
+
+def _own_abi() -> str:
+    return _abi_text(
+        [
+            platform.python_implementation(),
+            sysconfig.get_config_var("SOABI"),
+            sysconfig.get_platform(),
+            list(platform.libc_ver()),
+        ]
+    )
+
+
+def _abi_text(parts: object) -> str:
+    return json.dumps(parts, separators=(",", ":"))
 
 
 def _candidates(search_path: str | None, pyenv_root: Path | None) -> list[_Found]:
@@ -145,7 +168,7 @@ def _candidates(search_path: str | None, pyenv_root: Path | None) -> list[_Found
     paths.extend(versions / name / "bin" / "python" for name in _listing(str(versions), _is_real_dir))
     own = _runner_interpreter()
     own_found = _Found(
-        own.path, os.path.realpath(own.path), own.version, _info_order(list(sys.version_info[:5]))
+        own.path, os.path.realpath(own.path), own.version, _info_order(list(sys.version_info[:5])), own.abi
     )
     found: dict[str, _Found] = {own_found.real: own_found}
     for path in paths:
@@ -203,7 +226,11 @@ def _probe(path: Path) -> _Found | None:
     with _probe_lock:
         if token in _probe_cache:
             cached = _probe_cache[token]
-            return None if cached is None else _Found(path, cached.real, cached.version, cached.order)
+            return (
+                None
+                if cached is None
+                else _Found(path, cached.real, cached.version, cached.order, cached.abi)
+            )
     result: _Found | None = None
     try:
         completed = subprocess.run(
@@ -217,7 +244,13 @@ def _probe(path: Path) -> _Found | None:
         if completed.returncode == 0:
             answer = json.loads(completed.stdout.strip().splitlines()[-1])
             if not answer["venv"]:
-                result = _Found(path, real, str(answer["version"]), _info_order(answer["info"]))
+                result = _Found(
+                    path,
+                    real,
+                    str(answer["version"]),
+                    _info_order(answer["info"]),
+                    _abi_text(answer.get("abi")),
+                )
         else:
             logger.debug("%s does not run: %s", path, completed.stderr.strip()[-300:])
     except (OSError, subprocess.SubprocessError, ValueError, KeyError, IndexError) as error:

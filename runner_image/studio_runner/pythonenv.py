@@ -35,12 +35,15 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .archive import ArchiveError
+from .envcache import EnvPackCache, PackCorrupt, unpack_pack
 from .interpreters import Interpreter, PythonEnvError, find_interpreter, plain_env
 from .requirements import local_path
+from .storage import StorageError
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 """Part of every key: bump it when the way environments are built changes."""
 
 MANIFEST = "studio-runner-venv.json"
@@ -93,6 +96,8 @@ class Virtualenv:
     built: bool
     seconds: float
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    restored: str = ""
+    """Where a packed copy came from when this call restored it instead of building."""
 
 
 class VirtualenvCache:
@@ -106,6 +111,9 @@ class VirtualenvCache:
     pip runs with the runner's pip configuration but not the runner's environment: only the
     names installs need (``PATH``, ``HOME``, ``PIP_*``, proxies, certificates, compiler flags,
     plus ``passthrough``) reach it, because sdists run arbitrary code at install time.
+
+    With ``packs``, an environment this cache lacks is first looked for there (packed by
+    another runner or pod) and every environment built here is stored there.
     """
 
     def __init__(
@@ -116,9 +124,11 @@ class VirtualenvCache:
         build_timeout: float = 3600.0,
         passthrough: Iterable[str] = (),
         uv: Path | None = None,
+        packs: EnvPackCache | None = None,
     ) -> None:
         self.root = Path(root)
         self.uv = uv
+        self.packs = packs
         self.max_unused_days = max_unused_days
         self.build_timeout = build_timeout
         self.passthrough = frozenset(passthrough)
@@ -130,12 +140,16 @@ class VirtualenvCache:
     # -- public -----------------------------------------------------------------------------
 
     def key(self, interpreter: Interpreter, requirements: Sequence[str]) -> str:
-        """Stable name of the environment; local files count by content, not by path."""
+        """Stable name of the environment; local files count by content, not by path.
+
+        Not the interpreter's path: environments are shared between machines, and any
+        interpreter of the same version, implementation, ABI, platform and libc runs them.
+        """
         material = json.dumps(
             [
                 CACHE_FORMAT,
                 interpreter.version,
-                os.path.realpath(interpreter.path),
+                interpreter.abi or os.path.realpath(interpreter.path),
                 [_key_part(r) for r in requirements],
             ],
             separators=(",", ":"),
@@ -162,8 +176,16 @@ class VirtualenvCache:
                 return Virtualenv(
                     final, final / "bin" / "python", key, False, time.monotonic() - started, warnings
                 )
+            source = self._restore(interpreter, key, log) if self.packs is not None else None
+            if source:
+                self._touch(final)
+                seconds = time.monotonic() - started
+                log(f"environment {key} restored from cache in {seconds:.1f} s")
+                return Virtualenv(final, final / "bin" / "python", key, False, seconds, warnings, source)
             self._build(interpreter, requirements, key, log)
             self._touch(final)
+            if self.packs is not None:
+                self._publish(key)
         seconds = time.monotonic() - started
         log(f"virtualenv {key} ready in {seconds:.1f} s")
         return Virtualenv(final, final / "bin" / "python", key, True, seconds, warnings)
@@ -209,6 +231,61 @@ class VirtualenvCache:
                 removed.append(key)
                 logger.info("pruned virtualenv %s", key)
         return removed
+
+    # -- the shared cache of packed environments --------------------------------------------
+
+    def _restore(self, interpreter: Interpreter, key: str, log: Callable[[str], None]) -> str | None:
+        """Unpack a packed copy over a fresh skeleton; where it came from, or None to build.
+
+        The skeleton (``python -m venv --without-pip``, 0.1 s) gives this machine's interpreter
+        links and ``pyvenv.cfg``; the pack brings everything else, its paths then rewritten from
+        the builder's folder to this one. Anything wrong with the pack means building instead.
+        """
+        assert self.packs is not None
+        final = self.venvs_dir / key
+        building = self.venvs_dir / f".{key}.building"
+        try:
+            with self.packs.fetched(key) as found:
+                if found is None:
+                    return None
+                pack, source = found
+                if final.exists():
+                    shutil.rmtree(final)
+                shutil.rmtree(building, ignore_errors=True)
+                self._run(
+                    [str(interpreter.path), "-m", "venv", "--without-pip", str(building)],
+                    self._pip_env(),
+                    log,
+                    what="python -m venv",
+                )
+                try:
+                    unpack_pack(pack, building)
+                    manifest = json.loads((building / MANIFEST).read_text())
+                    built_in = str(manifest["path"])
+                except (PackCorrupt, OSError, ValueError, KeyError, TypeError) as error:
+                    self.packs.discard(key, f"it does not unpack into an environment: {error}")
+                    shutil.rmtree(building, ignore_errors=True)
+                    return None
+                _relocate(building, built_in, str(final))
+                manifest.update(path=str(final), restored_from=source, restored_at=time.time())
+                (building / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+                os.rename(building, final)
+                return source
+        except (StorageError, PythonEnvError, ArchiveError, OSError) as error:
+            logger.warning(
+                "cannot restore environment %s from the shared cache (%s); building it", key, error
+            )
+            shutil.rmtree(building, ignore_errors=True)
+            return None
+
+    def _publish(self, key: str) -> None:
+        """Store a freshly built environment for other runners; a failure costs them a build only."""
+        assert self.packs is not None
+        folder = self.venvs_dir / key
+        try:
+            self.packs.publish(key, folder, include=lambda path, name: _packable(folder, path, name))
+        except (StorageError, ArchiveError, OSError) as error:
+            logger.warning("cannot store environment %s in the shared cache: %s", key, error)
 
     # -- internals --------------------------------------------------------------------------
 
@@ -300,10 +377,11 @@ class VirtualenvCache:
                 finally:
                     if pip_log is not None:
                         pip_log.unlink(missing_ok=True)
-            _relocate(building, final)
+            _relocate(building, str(building), str(final))
             manifest = {
                 "format": CACHE_FORMAT,
                 "key": key,
+                "path": str(final),
                 "python": str(interpreter.path),
                 "version": interpreter.version,
                 "requirements": requirements,
@@ -498,9 +576,23 @@ def _runner_pip_supports(version: tuple[int, ...]) -> bool:
     return not minimum or version >= (int(minimum.group(1)), int(minimum.group(2)))
 
 
-def _relocate(building: Path, final: Path) -> None:
-    """Point scripts written for the build folder at the final one before the rename."""
-    old, new = str(building).encode(), str(final).encode()
+def _packable(folder: Path, path: Path, name: str) -> bool:
+    """What a pack carries: not the interpreter links or ``pyvenv.cfg`` (the restoring machine's
+    own skeleton has those), nor this cache's last-used marker."""
+    if name in ("pyvenv.cfg", LAST_USED):
+        return False
+    if path.is_symlink():
+        target = os.path.realpath(path)
+        return os.path.commonpath([os.path.realpath(folder), target]) == os.path.realpath(folder)
+    return True
+
+
+def _relocate(building: Path, old_path: str, new_path: str) -> None:
+    """Point scripts in ``building`` written for ``old_path`` at ``new_path`` (a build's final
+    folder, or this machine's folder for a restored pack)."""
+    old, new = old_path.encode(), new_path.encode()
+    if old == new:
+        return
     files = [building / "pyvenv.cfg"]
     with suppress(OSError):
         files += [Path(e.path) for e in os.scandir(building / "bin") if e.is_file(follow_symlinks=False)]

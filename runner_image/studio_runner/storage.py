@@ -9,6 +9,7 @@ while errors no retry can fix (missing bucket, bad keys) fail at once with the r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -20,7 +21,8 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -82,6 +84,12 @@ class ObjectInfo:
     etag: str
     """Without the quotes S3 wraps it in; the download cache is keyed by it."""
     last_modified: datetime
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    """User metadata (``x-amz-meta-*``), from ``stat`` only: listings do not carry it."""
+
+
+_ALREADY_THERE = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
+"""Answers to a put-if-absent when another writer got there first (409: one is still writing)."""
 
 
 @dataclass
@@ -387,6 +395,95 @@ class S3Store(ObjectStore):
 
         self._retrying(f"upload {self.uri(bucket, key)}", attempt_stream, before_retry=rewind)
 
+    def put_new(
+        self, bucket: str, key: str, source: Path, *, content_type: str, metadata: Mapping[str, str]
+    ) -> bool:
+        """Store ``source`` with ``metadata`` unless ``key`` exists; False when another writer was first.
+
+        ``If-None-Match: *`` on the single PUT or on completing the multipart upload makes the
+        object appear whole or not at all, and only once (s3transfer does not pass the header).
+        A server that ignores the header lets the last writer win, still whole and consistent
+        with its metadata.
+        """
+        where = self.uri(bucket, key)
+        size = source.stat().st_size
+        try:
+            if size <= self.settings.multipart_threshold:
+
+                def attempt() -> None:
+                    with open(source, "rb") as body:
+                        self.client.put_object(
+                            Bucket=bucket,
+                            Key=key,
+                            Body=body,
+                            ContentType=content_type,
+                            Metadata=dict(metadata),
+                            IfNoneMatch="*",
+                        )
+
+                self._retrying(f"upload {where}", attempt)
+            else:
+                self._put_new_multipart(bucket, key, source, size, content_type, metadata)
+        except StorageError as error:
+            if error.code in _ALREADY_THERE:
+                return False
+            raise
+        return True
+
+    def _put_new_multipart(
+        self, bucket: str, key: str, source: Path, size: int, content_type: str, metadata: Mapping[str, str]
+    ) -> None:
+        where = self.uri(bucket, key)
+        chunk = self.settings.multipart_chunksize
+        upload_id = self._retrying(
+            f"start uploading {where}",
+            lambda: self.client.create_multipart_upload(
+                Bucket=bucket, Key=key, ContentType=content_type, Metadata=dict(metadata)
+            )["UploadId"],
+        )
+
+        def part(number: int) -> dict[str, Any]:
+            def attempt() -> dict[str, Any]:
+                with open(source, "rb") as data:
+                    data.seek((number - 1) * chunk)
+                    body = data.read(chunk)
+                answer = self.client.upload_part(
+                    Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+                )
+                return {"ETag": answer["ETag"], "PartNumber": number}
+
+            return self._retrying(f"upload part {number} of {where}", attempt)
+
+        try:
+            with ThreadPoolExecutor(self.settings.max_concurrency) as pool:
+                parts = list(pool.map(part, range(1, (size + chunk - 1) // chunk + 1)))
+            self._retrying(
+                f"complete {where}",
+                lambda: self.client.complete_multipart_upload(
+                    Bucket=bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                    IfNoneMatch="*",
+                ),
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+            raise
+
+    def delete(self, bucket: str, key: str) -> None:
+        """Remove one object; one already gone is no error."""
+
+        def attempt() -> None:
+            try:
+                self.client.delete_object(Bucket=bucket, Key=key)
+            except botocore.exceptions.ClientError as error:
+                if _code(error) not in _MISSING_CODES:
+                    raise
+
+        self._retrying(f"delete {self.uri(bucket, key)}", attempt)
+
     # --- outage policy ---------------------------------------------------------------------
     def _retrying(
         self, what: str, attempt: Callable[[], T], before_retry: Callable[[], None] | None = None
@@ -517,6 +614,7 @@ def _info(key: str, response: Mapping[str, Any]) -> ObjectInfo:
         size=int(size),
         etag=str(response.get("ETag", "")).strip('"'),
         last_modified=response.get("LastModified") or datetime.now(timezone.utc),
+        metadata=dict(response.get("Metadata") or {}),
     )
 
 
