@@ -18,7 +18,7 @@ import pytest
 from studio_runner import cli
 from studio_runner.drain import read_state
 from studio_runner.service import RunnerState, Service
-from studio_runner.units import parse_size
+from studio_runner.units import parse_seconds, parse_size
 
 from tests.deploy.manifests import (
     DEPLOY_DIR,
@@ -202,7 +202,7 @@ def test_probes_use_the_metrics_port(deployment: Document) -> None:
 
 def test_termination_grace_covers_the_runners_drain(deployment: Document) -> None:
     """SIGTERM: workload grace + final upload, then settle the message, then join queue workers."""
-    grace = cli._seconds(options_configmap(deployment).body["data"].get("GRACE_PERIOD", "30"))
+    grace = parse_seconds(options_configmap(deployment).body["data"].get("GRACE_PERIOD", "30"))
     settle = inspect.signature(Service).parameters["settle_timeout"].default
     runner_worst = grace + cli.FINAL_UPLOAD_SECONDS + 2 * settle
     period = _pod(deployment)["terminationGracePeriodSeconds"]
