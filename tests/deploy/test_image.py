@@ -25,6 +25,7 @@ import os
 import socket
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass
@@ -339,7 +340,12 @@ def test_the_deployment_serves_a_queue_in_the_image(
         runner_image,
         extra=("--name", name),
         detach=True,
-        overrides={**HOST_OVERRIDES, "PROM_ADDRESS": f"127.0.0.1:{port}"},  # host network: a free port
+        overrides={
+            **HOST_OVERRIDES,
+            "PROM_ADDRESS": f"127.0.0.1:{port}",  # host network: a free port
+            # the shipped cache location is AWS's; here the session's SeaweedFS stands in
+            "ENV_CACHE_URI": f"s3://{urllib.parse.urlsplit(services.s3_endpoint).netloc}/{bucket}/envs",
+        },
     )
     base_url = f"http://127.0.0.1:{port}"
     try:
