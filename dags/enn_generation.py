@@ -183,7 +183,7 @@ def enn_generation():
         more = generation + 1 < params["generations"] and best < params["target_fitness"]
         context["outlet_events"][CAMPAIGN_RESULTS].add(
             Asset(
-                f"s3://{params['bucket']}/enn/{params['campaign']}/",
+                uri=f"s3://{params['bucket']}/enn/{params['campaign']}/",
                 name=f"enn-campaign-{params['campaign']}",
             ),
             extra={
