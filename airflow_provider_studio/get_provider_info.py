@@ -63,6 +63,9 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": ["airflow_provider_studio.triggers.queue"],
             }
         ],
+        "plugins": [
+            {"name": "studio", "plugin-class": "airflow_provider_studio.plugins.studio.StudioViewPlugin"}
+        ],
         "extra-links": ["airflow_provider_studio.links.experiment.StudioArtifactsLink"],
         "connection-types": [
             {
@@ -173,6 +176,17 @@ def get_provider_info() -> dict[str, Any]:
                         "type": "string",
                         "example": "https://minio.example.com/browser/{bucket}/{prefix}",
                         "default": "https://s3.console.aws.amazon.com/s3/buckets/{bucket}?prefix={prefix}",
+                    },
+                    "campaign_aws_conn_id": {
+                        "description": (
+                            "The AWS connection the Studio view reads ENN campaigns from S3 with "
+                            "(the one the campaign DAG uses). Environment variable: "
+                            "AIRFLOW__STUDIO__CAMPAIGN_AWS_CONN_ID."
+                        ),
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "aws_default",
+                        "default": "aws_default",
                     },
                     "local_working_dir": {
                         "description": (

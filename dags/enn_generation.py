@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Asset, AssetAlias, Param, dag, get_current_context, task
 
 from airflow_provider_studio.operators.experiment import StudioExperimentOperator
 from airflow_provider_studio.operators.metadata import MetadataScrapeOperator
@@ -63,6 +63,10 @@ PARAMS = {
     ),
 }
 
+
+CAMPAIGN_RESULTS = AssetAlias("enn-campaign-results")
+"""Each campaign's results (``s3://<bucket>/enn/<campaign>/``) is an Asset; its events, one per
+generation, carry the generation, best and mean fitness and that generation's table URI."""
 
 RESOURCES = {
     "cpus": 1,
@@ -151,7 +155,7 @@ def enn_generation():
         trigger_rule="all_done",
     )
 
-    @task
+    @task(outlets=[CAMPAIGN_RESULTS])
     def select(table: list[dict[str, Any]]) -> dict[str, Any]:
         """Score the generation, record it, and decide whether another one follows."""
         from enn.campaign import fitness_plot
@@ -177,6 +181,18 @@ def enn_generation():
         plot = campaign.save_plot(fitness_plot(history, params["campaign"]))
         best = summary["best_fitness"] or 0.0
         more = generation + 1 < params["generations"] and best < params["target_fitness"]
+        context["outlet_events"][CAMPAIGN_RESULTS].add(
+            Asset(
+                uri=f"s3://{params['bucket']}/enn/{params['campaign']}/",
+                name=f"enn-campaign-{params['campaign']}",
+            ),
+            extra={
+                "generation": generation,
+                "best_fitness": summary["best_fitness"],
+                "mean_fitness": summary["mean_fitness"],
+                "table_uri": campaign.table_uri(generation),
+            },
+        )
         print(f"generation {generation}: best {best:.4f}, mean {summary['mean_fitness']}, plot {plot}")
         return {
             "summary": summary,

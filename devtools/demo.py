@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import signal
 import sys
 import time
+import webbrowser
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -41,6 +43,8 @@ from .system import SystemPackageError
 DAG_ID = "enn_generation"
 BUCKET = "studio-enn"
 OUTPUT_DIR = REPO / ".local" / "demo"
+LAST_CAMPAIGN = OUTPUT_DIR / "last-campaign"
+"""The campaign the last demo ran, which `make ui` opens."""
 POLL_SECONDS = 3.0
 PROGRESS_SECONDS = 30.0
 """A line at least this often while a generation trains, so a long wait never looks like a hang."""
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         airflow.wait_for_dag(DAG_ID, progress=say)
         airflow.api("PATCH", f"/dags/{DAG_ID}", {"is_paused": False})
         _end_leftover_runs(airflow)
-        summaries = _run_campaign(airflow, services, args)
+        summaries = run_campaign(airflow, services, args)
         _report(summaries, services, args, time.monotonic() - started, airflow)
         return 0
     except (AirflowError, ServiceError, SystemPackageError, CampaignFailed) as error:
@@ -142,10 +146,11 @@ def _end_leftover_runs(airflow: LocalAirflow) -> None:
             say(f"marked {run['dag_run_id']}, left {state} by an earlier demo, as failed")
 
 
-def _run_campaign(
-    airflow: LocalAirflow, services: ServiceSet, args: argparse.Namespace
+def run_campaign(
+    airflow: LocalAirflow, services: ServiceSet, args: argparse.Namespace, *, remember: bool = True
 ) -> list[dict[str, Any]]:
-    """Trigger generation 0, then follow each generation's DAG run until one stops the chain."""
+    """Trigger generation 0, then follow each generation's DAG run until one stops the chain;
+    ``remember`` records the campaign as the one `make ui` opens (tests leave it alone)."""
     # unique even for two demos started in the same second against one `make services` store
     campaign = f"{time.strftime('demo-%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     conf = {
@@ -157,6 +162,9 @@ def _run_campaign(
         "seed": args.seed,
         "bucket": BUCKET,
     }
+    if remember:
+        OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+        LAST_CAMPAIGN.write_text(campaign)
     say(
         f"campaign {campaign}: {args.generations} generations of {args.population} genomes, {args.epochs} epochs each"
     )
@@ -324,15 +332,24 @@ def _report(
             f"\nAirflow UI: {airflow.url}/dags/{DAG_ID} (left running; stop with: make services-stop and kill the airflow processes)"
         )
     else:
-        print("\nBrowse the run history (one run per generation, one mapped task per genome): make ui")
+        print("\nBrowse the campaign in the Airflow UI's Studio view (chart, generations, genomes): make ui")
+
+
+def studio_view_url(base: str, campaign: str | None) -> str:
+    """The Studio view's campaign tab on the campaign's first DAG run; the DAG's runs without one."""
+    if not campaign:
+        return f"{base}/dags/{DAG_ID}"
+    return f"{base}/dags/{DAG_ID}/runs/{_run_id(campaign, 0)}/plugin/studio-campaign"
 
 
 def _browse(airflow: LocalAirflow) -> int:
     airflow.start(command=("api-server",))
-    print(
-        f"\nAirflow UI: {airflow.url}/dags/{DAG_ID}  (no login on this local copy; Ctrl-C to stop)",
-        flush=True,
-    )
+    campaign = LAST_CAMPAIGN.read_text().strip() if LAST_CAMPAIGN.exists() else None
+    url = studio_view_url(airflow.url, campaign)
+    what = f"campaign {campaign}" if campaign else "no demo campaign yet (make demo runs one)"
+    print(f"\nAirflow UI, {what}: {url}  (no login on this local copy; Ctrl-C to stop)", flush=True)
+    if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
+        webbrowser.open(url)
     try:
         while airflow.process is not None and airflow.process.poll() is None:
             time.sleep(1)

@@ -42,20 +42,28 @@ class StudioArtifactsLink(BaseOperatorLink):
         key = getattr(operator, "experiment_key", None) or default_experiment_key(
             ti_key.dag_id, ti_key.run_id, ti_key.task_id, ti_key.map_index
         )
-        template = conf.get("studio", "artifacts_link_template", fallback=DEFAULT_TEMPLATE)
-        values: dict[str, Any] = {
-            "bucket": bucket,
-            "prefix": quote(results_prefix(key), safe="/"),
-            "key": quote(key, safe=""),
-            "endpoint": "",
-        }
-        if "{endpoint}" in template:
-            values["endpoint"] = _endpoint(aws_conn_id)
-        try:
-            return template.format(**values)
-        except (KeyError, IndexError, ValueError) as error:
-            log.warning("[studio] artifacts_link_template %r cannot be filled in: %s", template, error)
-            return ""
+        return artifacts_url(bucket, key, aws_conn_id)
+
+
+def artifacts_url(bucket: str, key: str, aws_conn_id: str | None) -> str:
+    """The ``[studio] artifacts_link_template`` URL of one experiment's results ("" if it cannot be made).
+
+    Shared by the task's extra link and the Studio view, so both point at the same place.
+    """
+    template = conf.get("studio", "artifacts_link_template", fallback=DEFAULT_TEMPLATE)
+    values: dict[str, Any] = {
+        "bucket": bucket,
+        "prefix": quote(results_prefix(key), safe="/"),
+        "key": quote(key, safe=""),
+        "endpoint": "",
+    }
+    if "{endpoint}" in template:
+        values["endpoint"] = _endpoint(aws_conn_id)
+    try:
+        return template.format(**values)
+    except (KeyError, IndexError, ValueError) as error:
+        log.warning("[studio] artifacts_link_template %r cannot be filled in: %s", template, error)
+        return ""
 
 
 def _connection_bucket(aws_conn_id: str | None) -> str | None:
