@@ -78,6 +78,7 @@ class StudioGenerationOperator(BaseOperator):
         "project",
         "resources_needed",
         "pythonenv",
+        "min_success_ratio",
         "output_uri",
     )
     template_fields_renderers = {"experiments": "json", "resources_needed": "json"}
@@ -100,7 +101,7 @@ class StudioGenerationOperator(BaseOperator):
         env: Mapping[str, Any] | None = None,
         aws_conn_id: str | None = "aws_default",
         rabbitmq_conn_id: str = StudioRabbitMQHook.default_conn_name,
-        min_success_ratio: float = 1.0,
+        min_success_ratio: float | str = 1.0,
         timeout: float = 7 * 24 * 3600.0,
         poll_interval: float = 30.0,
         fields: Sequence[str] | str = DEFAULT_FIELDS,
@@ -108,7 +109,9 @@ class StudioGenerationOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.min_success_ratio = check_ratio(min_success_ratio)
+        # a template (a DAG param) is checked once rendered, in execute
+        templated = isinstance(min_success_ratio, str) and "{{" in min_success_ratio
+        self.min_success_ratio = min_success_ratio if templated else check_ratio(min_success_ratio)
         if float(poll_interval) <= 0:
             raise ValueError(f"poll_interval must be more than zero seconds, not {poll_interval}")
         self.experiments = experiments
@@ -132,6 +135,7 @@ class StudioGenerationOperator(BaseOperator):
 
     # --- publish, then wait --------------------------------------------------------------------
     def execute(self, context: Context) -> None:
+        self.min_success_ratio = check_ratio(self.min_success_ratio)
         backend = queue_backend(self.queue_name)
         specs = self.specs(context)
         bucket = bucket_name(self.results_bucket)
@@ -250,6 +254,7 @@ class StudioGenerationOperator(BaseOperator):
 
     # --- after the trigger -----------------------------------------------------------------------
     def execute_complete(self, context: Context, event: dict[str, Any]) -> list[dict[str, Any]]:
+        self.min_success_ratio = check_ratio(self.min_success_ratio)
         if event.get("status") == "error":
             raise AirflowException(
                 f"waiting for the generation in {self.queue_name} failed: {event.get('message')}"
