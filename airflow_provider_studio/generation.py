@@ -34,16 +34,23 @@ def succeeded_keys(collector: ScrapeCollector, keys: Sequence[str], bucket: str)
     return {row["key"] for row in table.rows if row["error"] is None and row["status"] == SUCCEEDED}
 
 
-def dead_lettered_keys(bodies: Iterable[bytes], keys: Iterable[str]) -> set[str]:
-    """Which of ``keys`` appear among dead-lettered request bodies; other bodies are ignored."""
+def dead_lettered_keys(bodies: Iterable[bytes], keys: Iterable[str], since: float | None = None) -> set[str]:
+    """Which of ``keys`` appear among dead-lettered request bodies; other bodies are ignored.
+
+    A dead letter carries the request as it was published, so one whose ``time_added`` is
+    before ``since`` belongs to an earlier run of the generation, not to the requests it
+    re-published (which would otherwise count as finished before a runner took them).
+    """
     wanted = set(keys)
     found: set[str] = set()
     for body in bodies:
         try:
-            key = json.loads(body)["experiment"]["key"]
-        except (ValueError, KeyError, TypeError):
+            experiment = json.loads(body)["experiment"]
+            key = experiment["key"]
+            added = float(experiment.get("time_added") or 0)
+        except (ValueError, KeyError, TypeError, AttributeError):
             continue  # an envelope or another client's message: not one of ours
-        if key in wanted:
+        if key in wanted and (since is None or added >= since):
             found.add(key)
     return found
 

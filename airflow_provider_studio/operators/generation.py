@@ -151,6 +151,7 @@ class StudioGenerationOperator(BaseOperator):
                 len(specs),
                 len(missing),
             )
+        published_after = time.time() - 1  # every request built below has a time_added after this
         bodies = self._bodies(RequestBuilder(hook, bucket), missing)
         if bodies:
             self._publish(backend, bodies)
@@ -166,6 +167,7 @@ class StudioGenerationOperator(BaseOperator):
                 rabbitmq_conn_id=self.rabbitmq_conn_id,
                 poll_interval=self.poll_interval,
                 deadline=time.time() + self.timeout,
+                published_after=published_after,
             ),
             method_name="execute_complete",
         )

@@ -36,6 +36,8 @@ class StudioGenerationTrigger(BaseTrigger):
     :param queue_name: the ``rmq_``/``sqs_`` queue the requests went to; its ``_rejected`` twin
         holds the dead letters.
     :param deadline: epoch seconds after which the trigger reports what finished so far.
+    :param published_after: epoch seconds before this run published; older dead letters
+        (an earlier run's) do not count.
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class StudioGenerationTrigger(BaseTrigger):
         rabbitmq_conn_id: str = StudioRabbitMQHook.default_conn_name,
         poll_interval: float = 30.0,
         deadline: float | None = None,
+        published_after: float | None = None,
     ) -> None:
         super().__init__()
         if float(poll_interval) <= 0:
@@ -59,6 +62,7 @@ class StudioGenerationTrigger(BaseTrigger):
         self.rabbitmq_conn_id = rabbitmq_conn_id
         self.poll_interval = float(poll_interval)
         self.deadline = None if deadline is None else float(deadline)
+        self.published_after = None if published_after is None else float(published_after)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -71,6 +75,7 @@ class StudioGenerationTrigger(BaseTrigger):
                 "rabbitmq_conn_id": self.rabbitmq_conn_id,
                 "poll_interval": self.poll_interval,
                 "deadline": self.deadline,
+                "published_after": self.published_after,
             },
         )
 
@@ -121,7 +126,7 @@ class StudioGenerationTrigger(BaseTrigger):
             state = await rejected.astate(min(depth, DEAD_LETTER_PEEK_LIMIT))
         except QueueNotFound:
             return set()
-        return dead_lettered_keys(state.bodies, self.keys)
+        return dead_lettered_keys(state.bodies, self.keys, self.published_after)
 
     def _event(self, status: str, now: Standing | None, message: str | None = None) -> TriggerEvent:
         payload: dict[str, Any] = {"status": status, "queue": self.queue_name, "total": len(self.keys)}
