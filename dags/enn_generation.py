@@ -8,7 +8,10 @@ random); ``train`` runs each genome's experiment with ``StudioExperimentOperator
 the worker itself in local mode); ``collect`` gathers the experiments' metadata with
 ``MetadataScrapeOperator``; ``select`` scores the generation, records its summary and the fitness
 plot; and ``next_generation`` starts the run for ``g + 1`` until the generation limit or the
-target fitness is reached. Each generation is one row in the Grid view, retried and cleared on
+target fitness is reached. With ``mode=queue`` one ``train_queue`` task queues the whole
+generation to ``rmq_enn_<campaign>`` and waits in the triggerer instead (runners: the
+``queue_runners`` this DAG starts, or Deployments scaled by KEDA); selection and breeding are the
+same. Each generation is one row in the Grid view, retried and cleared on
 its own; clearing a generation re-runs it and, through ``reset_dag_run``, the ones after it.
 """
 
@@ -19,14 +22,21 @@ from pathlib import Path
 from typing import Any
 
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
-from airflow.sdk import Asset, AssetAlias, Param, dag, get_current_context, task
+from airflow.sdk import Asset, AssetAlias, Param, TriggerRule, dag, get_current_context, task
 
 from airflow_provider_studio.operators.experiment import StudioExperimentOperator
+from airflow_provider_studio.operators.generation import StudioGenerationOperator
 from airflow_provider_studio.operators.metadata import MetadataScrapeOperator
+from airflow_provider_studio.operators.queue_runner import StudioQueueRunnerOperator, exactly
 
 DAG_ID = "enn_generation"
 WORKLOAD = Path(__file__).parent / "enn" / "workload"
 AWS_CONN_ID = "aws_default"
+RABBITMQ_CONN_ID = "studio_rabbitmq_default"
+QUEUE = "rmq_enn_{{ params.campaign }}"
+"""Queue mode's StudioML queue: one per campaign, so runners of another campaign never take its work."""
+FIELDS = ["experiment.fitness", "experiment.genome_id", "experiment.train_seconds"]
+TABLE_URI = "s3://{{ params.bucket }}/enn/{{ params.campaign }}/generation-{{ '%03d' % params.generation }}/table.jsonl"
 """S3 for workspaces, results and campaign state; an ``endpoint_url`` extra points it at SeaweedFS or MinIO."""
 
 PARAMS = {
@@ -60,6 +70,27 @@ PARAMS = {
     ),
     "bucket": Param(
         "studio-enn", type="string", description="S3 bucket for workspaces, results and the campaign's state."
+    ),
+    "mode": Param(
+        "mapped",
+        enum=["mapped", "queue"],
+        description="mapped: one task instance per genome (tens to hundreds); queue: one task queues the "
+        "generation to a StudioML queue that runners drain (thousands).",
+    ),
+    "queue_runners": Param(
+        2,
+        type="integer",
+        minimum=0,
+        maximum=64,
+        description="Queue mode: runners this DAG starts (StudioQueueRunnerOperator); 0 when runner "
+        "Deployments scaled by KEDA (deploy/keda) serve the queue.",
+    ),
+    "min_success_ratio": Param(
+        1.0,
+        type="number",
+        exclusiveMinimum=0,
+        maximum=1,
+        description="Queue mode: the share of genomes that must succeed for the generation to go on.",
     ),
 }
 
@@ -131,6 +162,17 @@ def enn_generation():
             for genome in population
         ]
 
+    @task.branch
+    def choose_mode() -> list[str]:
+        """Mapped: a task instance per genome; queue: one task for the whole generation."""
+        if get_current_context()["params"]["mode"] == "queue":
+            return ["train_queue", "runner_slots"]
+        return ["train", "collect"]
+
+    genomes = breed()
+    mode = choose_mode()
+    genomes >> mode
+
     train = StudioExperimentOperator.partial(
         task_id="train",
         script="train_genome.py",
@@ -142,22 +184,59 @@ def enn_generation():
         max_duration="20m",
         fail_on_experiment_error=False,  # a genome that fails scores nothing; the generation goes on
         map_index_template="{{ task.experiment_key }}",
-    ).expand_kwargs(breed())
+    ).expand_kwargs(genomes)
 
     collect = MetadataScrapeOperator(
         task_id="collect",
         experiments=train.output,
         bucket="{{ params.bucket }}",
         aws_conn_id=AWS_CONN_ID,
-        fields=["experiment.fitness", "experiment.genome_id", "experiment.train_seconds"],
+        fields=FIELDS,
         allow_missing=True,
-        output_uri="s3://{{ params.bucket }}/enn/{{ params.campaign }}/generation-{{ '%03d' % params.generation }}/table.jsonl",
+        output_uri=TABLE_URI,
         trigger_rule="all_done",
     )
+    mode >> [train, collect]
 
-    @task(outlets=[CAMPAIGN_RESULTS])
-    def select(table: list[dict[str, Any]]) -> dict[str, Any]:
-        """Score the generation, record it, and decide whether another one follows."""
+    train_queue = StudioGenerationOperator(
+        task_id="train_queue",
+        experiments=genomes,
+        queue_name=QUEUE,
+        results_bucket="{{ params.bucket }}",
+        script="train_genome.py",
+        workspace=str(WORKLOAD),
+        project="enn-{{ params.campaign }}",
+        resources_needed=RESOURCES,
+        max_duration="20m",
+        aws_conn_id=AWS_CONN_ID,
+        rabbitmq_conn_id=RABBITMQ_CONN_ID,
+        min_success_ratio="{{ params.min_success_ratio }}",
+        poll_interval=5.0,
+        fields=FIELDS,
+        output_uri=TABLE_URI,
+    )
+
+    @task
+    def runner_slots() -> list[str]:
+        """One queue match per runner this DAG starts (none: the queue's capacity comes from elsewhere)."""
+        params = get_current_context()["params"]
+        return [exactly(f"rmq_enn_{params['campaign']}")] * params["queue_runners"]
+
+    slots = runner_slots()
+    StudioQueueRunnerOperator.partial(
+        task_id="queue_runners",
+        rabbitmq_conn_id=RABBITMQ_CONN_ID,
+        aws_conn_id=AWS_CONN_ID,
+        limit_idle_duration="1m",
+    ).expand(queue_match=slots)
+    mode >> [train_queue, slots]
+
+    @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS, outlets=[CAMPAIGN_RESULTS])
+    def select(
+        table: list[dict[str, Any]] | None, queued: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """Score the generation, record it, and decide whether another one follows (either mode)."""
+        table = table if table is not None else queued or []
         from enn.campaign import fitness_plot
         from enn.evolution import summarise
 
@@ -206,7 +285,7 @@ def enn_generation():
     def another_generation(decision: dict[str, Any]) -> bool:
         return decision["continue"]
 
-    decision = select(collect.output)
+    decision = select(collect.output, train_queue.output)
     next_generation = TriggerDagRunOperator(
         task_id="next_generation",
         trigger_dag_id=DAG_ID,

@@ -1,6 +1,7 @@
 """StudioML's RabbitMQ broker as an Airflow connection: how many requests wait in a queue, and what they ask for.
 
-Everything here only looks. The depth comes from a passive declare, because the StudioML client
+Everything here only looks, except :meth:`StudioRabbitMQHook.publish`, which queues requests as
+the ``studioml`` client does (a queued generation's one task publishes its experiments). The depth comes from a passive declare, because the StudioML client
 owns its queues and a declare with other flags would fail with PRECONDITION_FAILED. Peeked
 messages are taken unacknowledged and rejected back with requeue, so no request is consumed
 (RabbitMQ puts them back in their original places; a runner polling in that millisecond simply
@@ -15,7 +16,7 @@ import contextlib
 import functools
 import logging
 import ssl
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -49,6 +50,8 @@ if logging.getLogger("pika").level == logging.NOTSET:
     logging.getLogger("pika").setLevel(logging.WARNING)
 
 DEFAULT_TIMEOUT = 10.0
+EXCHANGE = "StudioML.topic"
+ROUTING_PREFIX = "StudioML."
 
 
 @dataclass(frozen=True)
@@ -207,6 +210,37 @@ class StudioRabbitMQHook(BaseHook):
         except pika.exceptions.AMQPError as error:
             raise _pika_error(error, settings, queue) from error
         return QueueState(queue=queue, depth=depth, bodies=tuple(bodies))
+
+    def publish(self, queue: str, bodies: Iterable[bytes]) -> int:
+        """Queue request bodies as the StudioML client does (STUDIOML_CLIENT.md); returns the count.
+
+        The client's own flags: the topic exchange durable and auto-deleting, the queue
+        non-durable, bound as ``StudioML.<queue>``; messages mandatory, with publisher confirms,
+        so each one is in the queue when this returns (an unroutable one raises).
+        """
+        settings = self.settings()
+        sent = 0
+        connection = self.get_conn()
+        try:
+            channel = connection.channel()
+            channel.exchange_declare(EXCHANGE, exchange_type="topic", durable=True, auto_delete=True)
+            try:  # a queue a persistent client made is durable: keep its flags
+                channel.queue_declare(queue, passive=True)
+            except pika.exceptions.ChannelClosedByBroker:
+                channel = connection.channel()
+                channel.queue_declare(queue, durable=False)
+            channel.queue_bind(queue, EXCHANGE, routing_key=f"{ROUTING_PREFIX}{queue}")
+            channel.confirm_delivery()
+            properties = pika.BasicProperties(content_type="application/json", app_id="studioml")
+            for body in bodies:
+                channel.basic_publish(EXCHANGE, f"{ROUTING_PREFIX}{queue}", body, properties, mandatory=True)
+                sent += 1
+        except pika.exceptions.AMQPError as error:
+            raise _pika_error(error, settings, queue) from error
+        finally:
+            with contextlib.suppress(Exception):
+                connection.close()
+        return sent
 
     def queue_depth(self, queue: str) -> int:
         """Messages ready for delivery in ``queue``; QueueNotFound if it does not exist."""

@@ -13,6 +13,7 @@ import yaml
 DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"
 SECRETS_DIR = DEPLOY_DIR / "secrets"
 PLACEHOLDER = "REPLACE_ME"
+CUSTOM_GROUPS = frozenset({"keda.sh"})
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,11 @@ class Document:
     @property
     def namespace(self) -> str | None:
         return self.body["metadata"].get("namespace")
+
+    @property
+    def custom(self) -> bool:
+        """A custom resource (KEDA's): Kubernetes' own schemas do not know it; tests/deploy/test_keda.py checks it."""
+        return self.body["apiVersion"].split("/")[0] in CUSTOM_GROUPS
 
     def __str__(self) -> str:
         return f"{self.path.relative_to(DEPLOY_DIR)}#{self.index} ({self.kind} {self.name})"

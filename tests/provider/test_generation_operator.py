@@ -1,0 +1,200 @@
+"""StudioGenerationOperator: a generation queued to real RabbitMQ, run by real ``studio-runner serve``
+processes against SeaweedFS, waited for by its trigger, and resumed.
+
+The task is driven as a worker and a triggerer would: ``execute`` publishes and defers, the
+trigger is rebuilt from its ``serialize()`` (as the triggerer rebuilds it from the database) and
+run in an event loop, and ``execute_complete`` gets its event. The full DAG through Airflow is in
+tests/dags/test_enn_queue_mode.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pendulum
+import pytest
+from airflow.sdk import DAG
+from airflow.sdk.exceptions import AirflowException, TaskDeferred
+from airflow.sdk.module_loading import import_string
+
+from airflow_provider_studio.hooks.rabbitmq import StudioRabbitMQHook
+from airflow_provider_studio.operators.generation import StudioGenerationOperator
+from airflow_provider_studio.triggers.generation import StudioGenerationTrigger
+from tests.broker import queue_depth, unique, unique_queue
+from tests.polling import wait_for
+from tests.provider.connections import rabbitmq_connection, set_connection
+from tests.provider.task_context import runtime_context, seaweed_conn_json
+from tests.runner.processes import RunnerProcess
+from tests.runner.results import scrape_documents
+
+EVENT_TIMEOUT = 300.0
+"""Only a guard against a hung test; nothing here measures speed."""
+
+WORKLOAD = """\
+import json, sys
+if sys.argv[1] == "fail":
+    sys.exit("this genome is made to fail")
+print(json.dumps({"experiment": {"fitness": float(sys.argv[2])}}), flush=True)
+"""
+
+
+@pytest.fixture
+def generation(services, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """A queue, a bucket, connections and a workspace for one test's generation."""
+    aws = unique("gen_aws_")
+    monkeypatch.setenv(f"AIRFLOW_CONN_{aws.upper()}", seaweed_conn_json(services))
+    rmq = set_connection(monkeypatch, unique("gen_rmq_"), rabbitmq_connection(services))
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    (workspace / "train.py").write_text(WORKLOAD)
+    return {
+        "queue": unique_queue("rmq_gen"),
+        "bucket": bucket,
+        "aws": aws,
+        "rmq": rmq,
+        "workspace": workspace,
+    }
+
+
+@pytest.fixture
+def runners(services, serve_runner) -> Callable[[str, int], list[RunnerProcess]]:
+    """``count`` runners serving only ``queue``; a failed attempt is dead-lettered at once."""
+
+    def start(queue: str, count: int) -> list[RunnerProcess]:
+        env = {"AWS_ACCESS_KEY_ID": services.s3_access_key, "AWS_SECRET_ACCESS_KEY": services.s3_secret_key}
+        return [
+            serve_runner("--queue-match", f"^{queue}$", "--max-attempts", "1", env=env) for _ in range(count)
+        ]
+
+    return start
+
+
+def operator(generation: dict[str, Any], genomes: list[list[str]], **kwargs: Any) -> StudioGenerationOperator:
+    with DAG("enn_queue", schedule=None, start_date=pendulum.datetime(2026, 1, 1)):
+        return StudioGenerationOperator(
+            task_id=kwargs.pop("task_id", "train"),
+            experiments=[
+                {"experiment_key": f"{generation['queue']}-g{index}", "args": args}
+                for index, args in enumerate(genomes)
+            ],
+            queue_name=generation["queue"],
+            results_bucket=generation["bucket"],
+            script="train.py",
+            workspace=str(generation["workspace"]),
+            aws_conn_id=generation["aws"],
+            rabbitmq_conn_id=generation["rmq"],
+            poll_interval=0.5,
+            fields=["experiment.fitness"],
+            **kwargs,
+        )
+
+
+def publish(op: StudioGenerationOperator, context: Any) -> StudioGenerationTrigger:
+    """``execute`` as a worker runs it: it must defer; the trigger comes back as the triggerer rebuilds it."""
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute(context)
+    assert deferred.value.method_name == "execute_complete"
+    return rebuilt(deferred.value.trigger)
+
+
+def rebuilt(trigger: StudioGenerationTrigger) -> StudioGenerationTrigger:
+    classpath, kwargs = trigger.serialize()
+    assert json.loads(json.dumps(kwargs)) == kwargs, "only primitives go into the trigger table"
+    copy = import_string(classpath)(**kwargs)
+    assert copy.serialize() == (classpath, kwargs)
+    return copy
+
+
+async def first_event(trigger: StudioGenerationTrigger, timeout: float = EVENT_TIMEOUT) -> dict[str, Any]:
+    events = trigger.run()
+    try:
+        event = await asyncio.wait_for(anext(events), timeout)
+    finally:
+        await events.aclose()
+    return event.payload
+
+
+def test_a_generation_completes_with_two_runners_across_a_triggerer_restart(
+    generation, runners, s3_client, services
+) -> None:
+    genomes = [["ok", f"0.{index + 1}"] for index in range(6)]
+    op = operator(generation, genomes)
+    context = runtime_context(op)
+    trigger = publish(op, context)
+    # the management API's counts lag the broker by a few seconds
+    wait_for(lambda: queue_depth(services.amqp_management_url, generation["queue"]) == 6, 30, "6 queued")
+
+    # the triggerer dies while the generation waits (no runner yet): its trigger is cancelled
+    with pytest.raises(TimeoutError):
+        asyncio.run(first_event(trigger, timeout=3))
+    runners(generation["queue"], 2)
+    # a new triggerer rebuilds the trigger from the database row and waits on
+    event = asyncio.run(first_event(rebuilt(trigger)))
+    assert event["status"] == "done" and event["succeeded"] == 6 and event["dead_lettered"] == 0
+
+    rows = op.execute_complete(context, event)
+    assert [row["key"] for row in rows] == [f"{generation['queue']}-g{index}" for index in range(6)]
+    assert all(row["status"] == "succeeded" and row["error"] is None for row in rows)
+    assert [row["experiment.fitness"] for row in rows] == [float(args[1]) for args in genomes]
+    for row in rows:  # each experiment ran exactly once
+        assert len(scrape_documents(s3_client, generation["bucket"], row["key"])) == 1
+    wait_for(
+        lambda: queue_depth(services.amqp_management_url, generation["queue"]) == 0, 30, "an empty queue"
+    )
+
+
+def test_min_success_ratio_both_ways_and_a_resumed_generation_publishes_only_the_missing_genome(
+    generation, runners, services, s3_client
+) -> None:
+    genomes = [["ok", "0.5"], ["fail", "0"], ["ok", "0.7"], ["ok", "0.9"]]
+    lenient = operator(generation, genomes, min_success_ratio=0.75)
+    context = runtime_context(lenient)
+    trigger = publish(lenient, context)
+    started = runners(generation["queue"], 2)
+    event = asyncio.run(first_event(trigger))
+    assert event["status"] == "done"
+    assert (event["succeeded"], event["dead_lettered"]) == (3, 1)
+
+    rows = lenient.execute_complete(context, event)
+    failed_key = f"{generation['queue']}-g1"
+    assert [row["status"] for row in rows] == ["succeeded", "dead_lettered", "succeeded", "succeeded"]
+    assert rows[1]["key"] == failed_key and "dead-lettered" in rows[1]["error"]
+
+    strict = operator(generation, genomes, min_success_ratio=1.0)
+    with pytest.raises(AirflowException, match=r"3 of 4 succeeded, 1 dead-lettered, 0 unfinished"):
+        strict.execute_complete(runtime_context(strict), event)
+
+    # the generation is cleared and re-run: only the genome without a success is queued again
+    for runner in started:
+        runner.stop()
+    trigger = publish(strict, runtime_context(strict))
+    bodies = wait_for(lambda: peek(services, generation), 30, "the re-published request")
+    assert [json.loads(body)["experiment"]["key"] for body in bodies] == [failed_key]
+    # the earlier run's dead letter is not taken for this run's: the trigger waits for a runner
+    with pytest.raises(TimeoutError):
+        asyncio.run(first_event(trigger, timeout=3))
+    runners(generation["queue"], 1)
+    event = asyncio.run(first_event(rebuilt(trigger)))
+    assert (event["status"], event["succeeded"], event["dead_lettered"]) == ("done", 3, 1)
+    assert len(scrape_documents(s3_client, generation["bucket"], failed_key)) == 2, "it ran again, once"
+    assert len(scrape_documents(s3_client, generation["bucket"], f"{generation['queue']}-g0")) == 1
+
+
+def peek(services, generation: dict[str, Any]) -> list[bytes]:
+    return StudioRabbitMQHook(generation["rmq"]).peek(generation["queue"], limit=10)
+
+
+def test_bad_experiments_are_refused_before_anything_is_queued(generation, services) -> None:
+    op = operator(generation, [["ok", "1"]])
+    op.experiments = [{"experiment_key": "a", "args": ["ok"]}, {"experiment_key": "a"}, {"argz": []}, "x"]
+    with pytest.raises(AirflowException) as refused:
+        op.execute(runtime_context(op))
+    text = str(refused.value)
+    assert "experiments[2] sets ['argz']" in text and "experiments[3] is a str" in text
+    assert "appear more than once: ['a']" in text
+    with pytest.raises(ValueError, match="min_success_ratio"):
+        operator(generation, [], min_success_ratio=0)
