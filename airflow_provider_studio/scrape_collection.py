@@ -149,6 +149,14 @@ class Wanted:
     scrape_uri: str | None = None
     summary: RunSummary | None = None
 
+    @property
+    def document_key(self) -> str:
+        """The key the scrape document belongs to: a reused result's (``reused_from``) is the
+        original experiment's, while the row keeps the key of the task that reused it."""
+        if self.summary is not None and self.summary.reused_from:
+            return self.summary.reused_from
+        return self.key
+
 
 def wanted_from(experiments: Any) -> list[Wanted]:
     """Keys, runner summaries (``RunSummary``), or a mix, possibly nested one level.
@@ -679,14 +687,14 @@ class ScrapeCollector:
         uri_bucket = parse_s3_uri(uri)[0] if uri.startswith("s3://") else None
         attempts = None  # unknown unless that bucket's folder was listed anyway
         if uri_bucket in index:
-            attempts = len(index[uri_bucket].get(item.key, [])) or None
+            attempts = len(index[uri_bucket].get(item.document_key, [])) or None
         if attempt.missing:
             reason = f"scrape document {uri} for key {item.key!r} does not exist"
             return _Outcome(attempt, attempts, reason, settled=False)
         if attempt.problem is not None:
             return _Outcome(attempt, attempts, attempt.problem, settled=attempt.fatal)
-        if item.key and attempt.key != item.key:
-            reason = f"scrape document {uri} belongs to experiment {attempt.key!r}, not {item.key!r}"
+        if item.document_key and attempt.key != item.document_key:
+            reason = f"scrape document {uri} belongs to experiment {attempt.key!r}, not {item.document_key!r}"
             return _Outcome(attempt, attempts, reason, settled=True)
         return _Outcome(attempt, attempts, None, settled=attempt.complete)
 

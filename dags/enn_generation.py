@@ -183,6 +183,7 @@ def enn_generation():
         resources_needed=RESOURCES,
         max_duration="20m",
         fail_on_experiment_error=False,  # a genome that fails scores nothing; the generation goes on
+        cache=True,  # clearing a generation re-runs only the genomes without a succeeded result
         map_index_template="{{ task.experiment_key }}",
     ).expand_kwargs(genomes)
 

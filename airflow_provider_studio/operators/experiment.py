@@ -20,6 +20,7 @@ from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperato
 from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from kubernetes.client import models as k8s
+from studio_runner.memo import FingerprintError, ResultIndex, artifact_digest, fingerprint
 from studio_runner.outcome import Status
 from studio_runner.request import Request, RequestError
 from studio_runner.summary import RunSummary
@@ -138,6 +139,15 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
         ``--request-signatures-dir``); a local runner gets the connection's
         ``runner_private_key`` in a private folder that is removed after the run. Not templated:
         key material never passes through a rendered field.
+    :param cache: reuse a succeeded result instead of running: before launching anything the
+        request's fingerprint (``studio_runner.memo.fingerprint``: input content, script, args,
+        interpreter, ``pythonenv``, ``pip``, ``env``, ``cache_version``; not the key, time or
+        resources) is looked up in ``memo/<fingerprint>.json`` of the results bucket; a hit
+        returns that run's summary with ``reused_from`` set to its experiment key. A succeeded
+        run records itself there; a failed, cancelled or timed-out one never does. Off by
+        default: only deterministic workloads without side effects should be skipped.
+    :param cache_version: (templated) part of the fingerprint; change it to invalidate results
+        when something the request does not name changed (code fetched at run time, a dataset).
     :param runner_key_secret: Kubernetes Secret with the runner's ``ssh-privatekey`` and
         ``ssh-passphrase`` (deploy/'s ``studio-runner-message-key``).
     :param request_signers_secret: Kubernetes Secret with the trusted signers' ``ssh-ed25519``
@@ -179,6 +189,7 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
         "project",
         "env",
         "results_bucket",
+        "cache_version",
         "studio_request",
     )
     template_fields_renderers = {
@@ -221,6 +232,8 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
         message_keys_conn_id: str | None = None,
         runner_key_secret: str = DEFAULT_RUNNER_KEY_SECRET,
         request_signers_secret: str = DEFAULT_REQUEST_SIGNERS_SECRET,
+        cache: bool = False,
+        cache_version: str | None = None,
         **kwargs: Any,
     ) -> None:
         self.script = script
@@ -238,6 +251,8 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
         self.project = project
         self.env = env
         self.fail_on_experiment_error = fail_on_experiment_error
+        self.cache = cache
+        self.cache_version = cache_version
         self.studio_request: dict[str, Any] | None = None
         """The request that ran (set when the task runs; shown under Rendered Templates)."""
 
@@ -253,6 +268,8 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
         self._message_keys: RequestSealingKeys | None = None
         self._request_json: str | None = None
         """What the runner is given: the request's JSON, or its sealed envelope."""
+        self._request: Request | None = None
+        self._fingerprint: str | None = None
 
     # --- the request -------------------------------------------------------------------------
 
@@ -332,12 +349,79 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
 
     # --- running -----------------------------------------------------------------------------
 
+    def execute(self, context: Context) -> Any:
+        self._request = self._fingerprint = None
+        if self.cache:
+            reused = self._reuse(context)
+            if reused is not None:
+                return reused
+        return super().execute(context)
+
     def prepare_run(self, context: Context) -> None:
-        self.prepare_request(context)
+        if self._request is None:  # not built already by the cache lookup
+            self._request = self.prepare_request(context)
 
     def trigger_reentry(self, context: Context, event: dict[str, Any]) -> Any:
         self._experiment_key(context)  # a fresh operator: the key (and the context's) again
         return super().trigger_reentry(context, event)
+
+    # --- memoization -------------------------------------------------------------------------
+
+    def _reuse(self, context: Context) -> dict[str, Any] | None:
+        """The XCom value of a succeeded run with this request's fingerprint, None to run it."""
+        self._request = request = self.prepare_request(context)
+        fp = self._fingerprint = self._fingerprint_of(request)
+        found = self._result_index().lookup(fp)
+        if found is None:
+            self.log.info(
+                "experiment %s: no succeeded result for fingerprint %s; running it", request.key, fp
+            )
+            return None
+        summary = found.model_copy(update={"key": request.key, "reused_from": found.key})
+        self.log.info(
+            "experiment %s: reusing the succeeded result of experiment %s (fingerprint %s, cache=True); "
+            "nothing launched. Its scrape document: %s",
+            request.key,
+            found.key,
+            fp,
+            found.scrape_uri,
+        )
+        return summary.to_value()
+
+    def _fingerprint_of(self, request: Request) -> str:
+        """The request's fingerprint; inputs not named by their content are identified by ETag."""
+        digests: dict[str, str] = {}
+        for label, artifact in request.experiment.artifacts.items():
+            if artifact.mutable or artifact_digest(request, label):
+                continue
+            head = self._hook.head_object(key=artifact.key, bucket_name=artifact.bucket)
+            if not head or not head.get("ETag"):
+                raise AirflowFailException(
+                    f"experiment {request.key}: input {label} {artifact.qualified} is gone"
+                )
+            digests[label] = f"etag:{head['ETag'].strip(chr(34))}"
+        try:
+            return fingerprint(request, cache_version=self.cache_version or "", digests=digests)
+        except FingerprintError as error:
+            raise AirflowFailException(f"experiment {request.key}: {error}") from None
+
+    def _result_index(self) -> ResultIndex:
+        assert self.results_bucket, "prepare_request() sets the bucket"
+        return ResultIndex(self._hook.get_conn(), self.results_bucket)
+
+    def _record(self, summary: RunSummary, context: Context) -> None:
+        """Index a succeeded run; a store that refuses loses only the reuse, never the result."""
+        try:
+            if self._fingerprint is None:  # deferred: a fresh operator rebuilds the same request
+                self._request = self.prepare_request(context)
+                self._fingerprint = self._fingerprint_of(self._request)
+            key = self._result_index().record(self._fingerprint, summary)
+        except Exception as error:  # storage errors included: the run itself succeeded
+            self.log.warning("experiment %s: result not recorded for reuse: %r", summary.key, error)
+            return
+        self.log.info(
+            "experiment %s: result recorded for reuse as s3://%s/%s", summary.key, self.results_bucket, key
+        )
 
     def describe_run(self) -> str:
         return f"experiment {self.experiment_key}"
@@ -354,6 +438,8 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
                 summary.duration_seconds,
                 ", ".join(sorted(summary.artifacts)) or "none",
             )
+            if self.cache:
+                self._record(summary, context)
             return value
         reason = summary.reason or f"exit code {summary.exit_code}"
         message = f"experiment {key} {summary.status.value}: {reason}"

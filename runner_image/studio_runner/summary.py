@@ -49,6 +49,10 @@ class RunSummary(_Summary):
     ``scrape_bucket`` and ``scrape_key`` name the scrape document in its store, so readers need
     not tell StudioML's ``s3://HOST/bucket/key`` from ``s3://bucket/key``; both are None when
     the request keeps no metadata, and ``scrape_bucket`` is None for a ``file://`` document.
+
+    ``reused_from`` is set (by the operator, never the runner) when no run happened: the key of
+    the earlier experiment with the same fingerprint (``studio_runner.memo``) whose result this
+    is; its artifacts, scrape document and duration are that experiment's.
     """
 
     key: str = ""
@@ -61,6 +65,7 @@ class RunSummary(_Summary):
     scrape_key: str | None = None
     results_saved: bool = True
     duration_seconds: float = 0.0
+    reused_from: str | None = None
 
     @classmethod
     def from_outcome(cls, outcome: Outcome) -> RunSummary:
