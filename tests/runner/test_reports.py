@@ -475,5 +475,6 @@ def test_a_real_run_reports_its_progress(
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3}|\.\d{6}|\.\d{9})?Z", document["time"])
     for document in documents[1:]:
         assert document["experimentId"] == key
-        assert re.fullmatch(re.escape(host) + r"-[0-9A-Za-z]+", document["uniqueId"])
+        # the attempt's accession: host, this process's attempt tag, then whole seconds (§5.1)
+        assert re.fullmatch(re.escape(host) + r"_\d+(\.\d+)?-[0-9A-Za-z]+", document["uniqueId"])
     assert len({d["uniqueId"] for d in documents[1:]}) == 1
