@@ -190,6 +190,7 @@ class Service:
         self._last_answer: float | None = None
         self._refresh_due = [False] * len(self.transports)
         self._watchers: list[threading.Thread] = []
+        self._following: set[int] = set()
 
     # --- control (any thread) -----------------------------------------------------------------
     @property
@@ -220,6 +221,12 @@ class Service:
     def loop_age(self) -> float:
         """Seconds since the ``run()`` loop last turned (or since construction, before it starts)."""
         return time.monotonic() - self._loop_turned
+
+    @property
+    def following_events(self) -> list[str]:
+        """The transports whose queue events this service follows now (listed once since subscribing)."""
+        with self._cond:
+            return [self.transports[index].describe() for index in sorted(self._following)]
 
     def queues(self) -> list[str]:
         """The queues being serviced now."""
@@ -411,10 +418,14 @@ class Service:
         def ready() -> None:
             nonlocal failures
             failures = 0
-            with self._cond:
-                self._refresh_due[index] = True
-                self._cond.notify_all()
             log.info("following queue events of %s", transport.describe())
+            if self._taking_work():
+                self._refresh(index, transport, [0])
+            else:
+                with self._cond:
+                    self._refresh_due[index] = True
+            with self._cond:
+                self._following.add(index)
 
         while not self._shutdown.is_set():
             try:
@@ -424,6 +435,8 @@ class Service:
                     ready,
                 )
             except Exception as error:
+                with self._cond:
+                    self._following.discard(index)
                 failures += 1
                 delay = min(2.0 ** (failures - 1), 60.0)
                 log.warning(
