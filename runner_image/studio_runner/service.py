@@ -64,6 +64,9 @@ TAKE_WAIT_SECONDS = 2.0
 """How long a worker waits for a message in one take where the transport can wait (a RabbitMQ
 consumer returns at once when stopped; an SQS long poll of this many seconds is how long a stop or
 drain may wait for it)."""
+QUICK_LISTING_SECONDS = 1.0
+"""How often a transport that reports no queue events (SQS, directories, RabbitMQ without the
+event plugin) is listed, so a new queue waits about a second, as with StudioML's own worker."""
 REQUEUE_BACKOFF_SECONDS = 5.0
 """After giving a message back (busy, or its earlier attempt still runs), the queue's worker waits
 this long before taking from that queue again, so a message at the head is not taken in a loop."""
@@ -149,6 +152,7 @@ class Service:
         max_poll_interval: float = 5.0,
         refresh_interval: float = 15.0,
         take_wait: float = TAKE_WAIT_SECONDS,
+        quick_listing: float = QUICK_LISTING_SECONDS,
         limit_tasks: int = 0,
         limit_idle_seconds: float = 0.0,
         capacity: Capacity | None = None,
@@ -167,6 +171,7 @@ class Service:
         self.max_poll_interval = max(max_poll_interval, poll_interval)
         self.refresh_interval = refresh_interval
         self.take_wait = take_wait
+        self.quick_listing = quick_listing
         self.limit_tasks = limit_tasks
         self.limit_idle_seconds = limit_idle_seconds
         self.capacity = capacity
@@ -189,8 +194,10 @@ class Service:
         self._loop_turned = time.monotonic()
         self._last_answer: float | None = None
         self._refresh_due = [False] * len(self.transports)
+        self._next_refresh = [0.0] * len(self.transports)  # a fast first pass
         self._watchers: list[threading.Thread] = []
         self._following: set[int] = set()
+        self._listed_since_following: set[int] = set()
 
     # --- control (any thread) -----------------------------------------------------------------
     @property
@@ -226,7 +233,7 @@ class Service:
     def following_events(self) -> list[str]:
         """The transports whose queue events this service follows now (listed once since subscribing)."""
         with self._cond:
-            return [self.transports[index].describe() for index in sorted(self._following)]
+            return [self.transports[index].describe() for index in sorted(self._listed_since_following)]
 
     def queues(self) -> list[str]:
         """The queues being serviced now."""
@@ -280,7 +287,7 @@ class Service:
                 raise RuntimeError("Service.run() is already running; a service runs once")
             self._run_thread = threading.get_ident()
             self._last_activity = time.monotonic()
-        next_refresh = [0.0] * len(self.transports)  # fast first pass
+        next_refresh = self._next_refresh
         failures = [0] * len(self.transports)
         abandon_deadline: float | None = None
         self._start_watchers()
@@ -358,6 +365,7 @@ class Service:
             return delay
         failures[index] = 0
         self._last_answer = time.monotonic()
+        interval = self.refresh_interval if index in self._following else self._listing_interval()
         if self.metrics is not None:
             self.metrics.queues_listed(transport.describe(), ok=True)
         wanted = {name for name in names if self.matcher(name)}
@@ -373,7 +381,11 @@ class Service:
                         running.append((key[1], job))
         for queue, job in running:
             self._cancel_withdrawn(transport, queue, job)
-        return self.refresh_interval
+        return interval
+
+    def _listing_interval(self) -> float:
+        """Without queue events, listing is how new queues are found: list often."""
+        return min(self.refresh_interval, self.quick_listing)
 
     def _start_worker(self, index: int, transport: Transport, name: str) -> None:
         """A worker for a matching queue, unless it has one (a retiring one is kept on)."""
@@ -419,13 +431,15 @@ class Service:
             nonlocal failures
             failures = 0
             log.info("following queue events of %s", transport.describe())
+            with self._cond:
+                self._following.add(index)
             if self._taking_work():
-                self._refresh(index, transport, [0])
+                self._next_refresh[index] = time.monotonic() + self._refresh(index, transport, [0])
             else:
                 with self._cond:
                     self._refresh_due[index] = True
             with self._cond:
-                self._following.add(index)
+                self._listed_since_following.add(index)
 
         while not self._shutdown.is_set():
             try:
@@ -437,6 +451,10 @@ class Service:
             except Exception as error:
                 with self._cond:
                     self._following.discard(index)
+                    self._listed_since_following.discard(index)
+                    self._next_refresh[index] = min(
+                        self._next_refresh[index], time.monotonic() + self._listing_interval()
+                    )
                 failures += 1
                 delay = min(2.0 ** (failures - 1), 60.0)
                 log.warning(
