@@ -5,11 +5,15 @@ A trivial script is submitted with the real client (``studio-run``, the client's
 SeaweedFS and moto (SQS) servers, each time on a NEW queue (created by that submission) and on
 an EXISTING one. For each it prints, over ``--runs`` submissions, the median and p95 of:
 
-- publish → results: from ``studio-run``'s exit (the client publishes with confirms, then
-  exits, so this slightly flatters the figure by the client's exit time) until the
-  experiment's ``output.tar`` is in S3;
-- submit → results: the same from ``studio-run``'s start (client start-up and workspace
-  upload included), an upper bound.
+- publish → results: from the client's ``basic_publish`` (noted by a wrapper around the real
+  ``studio-run``; the client then sleeps a whole second before checking its confirm, so its
+  exit is no measure) until the experiment's ``output.tar`` is in S3;
+- client exit → results: from ``studio-run``'s exit (after its one-second confirm wait);
+- submit → results: from ``studio-run``'s start (client start-up and workspace upload
+  included), an upper bound.
+
+The runner's own share (queue created → message taken → acked) is in its JSON log, printed
+at the end.
 
 A warm-up submission per transport builds the environment first; it is not counted.
 
@@ -21,6 +25,7 @@ Targets (issue 11): publish → results median ≤ 0.35 s on RabbitMQ, ≤ 1 s o
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -28,6 +33,7 @@ import sys
 import tempfile
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,6 +45,43 @@ from devtools.services import Endpoints, private_services  # noqa: E402
 from tests.fixtures_runner import StudioClient, build_studioml_client, make_studio_client  # noqa: E402
 
 SCRIPT = 'print("hello from a trivial experiment", flush=True)\n'
+CLIENT = """\
+import sys, time
+import pika.channel
+
+stamp = sys.argv.pop(1)
+publish = pika.channel.Channel.basic_publish
+
+
+def noted(self, *args, **kwargs):
+    with open(stamp, "w") as out:
+        out.write(repr(time.time()))
+    return publish(self, *args, **kwargs)
+
+
+pika.channel.Channel.basic_publish = noted
+
+import botocore.client
+
+call = botocore.client.BaseClient._make_api_call
+
+
+def sqs_noted(self, operation, params):
+    if operation == "SendMessage":
+        with open(stamp, "w") as out:
+            out.write(repr(time.time()))
+    return call(self, operation, params)
+
+
+botocore.client.BaseClient._make_api_call = sqs_noted
+from studio import runner
+
+sys.argv[0] = "studio-run"
+runner.main()
+"""
+"""``studio-run`` itself, noting the moment it publishes (RabbitMQ or SQS): the client waits a whole second for its
+publisher confirm before it exits, so its exit would hide most of the latency."""
+CLIENT_FAILURES: list[str] = []
 RESULT_POLL_SECONDS = 0.01
 
 
@@ -49,7 +92,7 @@ def main() -> int:
     options = parser.parse_args()
     transports = [t.strip() for t in options.transports.split(",") if t.strip()]
     bin_dir = build_studioml_client(REPO)
-    rows: list[tuple[str, str, list[float], list[float]]] = []
+    rows: list[tuple[str, str, list[tuple[float, float, float]]]] = []
     with tempfile.TemporaryDirectory(prefix="pickup-latency-") as scratch:
         root = Path(scratch)
         with private_services(root / "services") as services:
@@ -68,22 +111,38 @@ def main() -> int:
                     print(f"[{transport}] warm-up (builds the environment once) ...", flush=True)
                     submit(client, s3, workspace, existing, timeout=900)
                     for kind in ("new", "existing"):
-                        publish_to_results, submit_to_results = [], []
+                        figures: list[tuple[float, float, float]] = []
                         for run in range(options.runs):
                             queue = (
                                 existing
                                 if kind == "existing"
                                 else f"{transport}_pickup_{uuid.uuid4().hex[:8]}"
                             )
-                            published, submitted = submit(client, s3, workspace, queue, timeout=120)
-                            publish_to_results.append(published)
-                            submit_to_results.append(submitted)
-                            print(f"[{transport}] {kind} queue, run {run + 1}: {published:.3f} s", flush=True)
-                        rows.append((transport, kind, publish_to_results, submit_to_results))
+                            figures.append(submit(client, s3, workspace, queue, timeout=120))
+                            print(
+                                f"[{transport}] {kind} queue, run {run + 1}: "
+                                + ", ".join(f"{f:.3f} s" for f in figures[-1]),
+                                flush=True,
+                            )
+                        rows.append((transport, kind, figures))
             finally:
                 runner.terminate()
                 runner.wait(60)
+            shares = runner_share(root / "runner.log")
     report(rows)
+    print(
+        "\nthe runner's share, from its log (median / p95 s): "
+        + "; ".join(
+            f"{name} {statistics.median(v):.3f} / {p95(v):.3f} (n={len(v)})"
+            for name, v in shares.items()
+            if v
+        )
+    )
+    if CLIENT_FAILURES:
+        print(
+            f"\nstudio-run exited with an error {len(CLIENT_FAILURES)} time(s) after publishing (the message was "
+            f"run all the same): {sorted(set(CLIENT_FAILURES))}"
+        )
     return 0
 
 
@@ -121,12 +180,24 @@ def start_runner(endpoints: Endpoints, root: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
 
 
-def submit(client: StudioClient, s3, workspace: Path, queue: str, *, timeout: float) -> tuple[float, float]:
-    """``studio run`` on ``queue``; returns (publish → results, submit → results) in seconds."""
+def submit(
+    client: StudioClient, s3, workspace: Path, queue: str, *, timeout: float
+) -> tuple[float, float, float]:
+    """``studio run`` on ``queue``; returns (publish → results, exit → results, submit → results) in seconds."""
     key = f"pickup_{uuid.uuid4().hex[:10]}"
+    stamp = workspace.parent / f"published-{key}"
+    command = [str(client.bin_dir / "python"), "-c", CLIENT, str(stamp)]
+    command += [f"--config={client.config}", f"--queue={queue}", f"--experiment={key}", "train.py"]
     started = time.time()
-    client.run(workspace, queue, "train.py", key=key)
-    published = time.time()
+    result = subprocess.run(
+        command, cwd=workspace, env=client.env(), capture_output=True, text=True, timeout=120
+    )
+    exited = time.time()
+    if not stamp.exists():
+        raise SystemExit(f"studio run published nothing:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    if result.returncode != 0:
+        CLIENT_FAILURES.append(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "?")
+    published = float(stamp.read_text())
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -137,7 +208,29 @@ def submit(client: StudioClient, s3, workspace: Path, queue: str, *, timeout: fl
                 raise SystemExit(f"no results for {key} on {queue} within {timeout:.0f} s") from None
             time.sleep(RESULT_POLL_SECONDS)
     visible = time.time()
-    return visible - published, visible - started
+    return visible - published, visible - exited, visible - started
+
+
+def runner_share(log: Path) -> dict[str, list[float]]:
+    """Per request: its queue's worker started → message taken, and taken → acked."""
+    started: dict[str, float] = {}
+    taken: dict[str, float] = {}
+    shares: dict[str, list[float]] = {"worker started → taken": [], "taken → acked": []}
+    for line in log.read_text(errors="replace").splitlines():
+        if not line.startswith("{"):
+            continue
+        event = json.loads(line)
+        when = datetime.fromisoformat(event["ts"].replace("Z", "+00:00")).timestamp()
+        message, queue = event.get("msg", ""), event.get("queue") or ""
+        if message.startswith("servicing "):
+            started[message.rsplit(" ", 1)[-1]] = when
+        elif message.startswith("experiment ") and " from " in message and queue:
+            taken[queue] = when
+            if queue in started:
+                shares["worker started → taken"].append(when - started.pop(queue))
+        elif message.startswith(f"request from {queue} ended succeeded") and queue in taken:
+            shares["taken → acked"].append(when - taken.pop(queue))
+    return shares
 
 
 def p95(values: list[float]) -> float:
@@ -145,17 +238,16 @@ def p95(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(0.95 * len(ordered)) - 1))]
 
 
-def report(rows: list[tuple[str, str, list[float], list[float]]]) -> None:
-    print()
-    print(
-        f"{'transport':10}{'queue':10}{'runs':>5}{'publish→results median':>25}{'p95':>9}{'submit→results median':>24}{'p95':>9}"
-    )
-    for transport, kind, published, submitted in rows:
-        print(
-            f"{transport:10}{kind:10}{len(published):>5}"
-            f"{statistics.median(published):>23.3f} s{p95(published):>7.3f} s"
-            f"{statistics.median(submitted):>22.3f} s{p95(submitted):>7.3f} s"
-        )
+def report(rows: list[tuple[str, str, list[tuple[float, float, float]]]]) -> None:
+    columns = ("publish call → results", "client exit → results", "submit → results")
+    print("\nmedian / p95 in seconds")
+    print(f"{'transport':10}{'queue':10}{'runs':>5}" + "".join(f"{c:>26}" for c in columns))
+    for transport, kind, figures in rows:
+        cells = []
+        for column in zip(*figures, strict=True):
+            values = list(column)
+            cells.append(f"{statistics.median(values):>15.3f} / {p95(values):.3f}")
+        print(f"{transport:10}{kind:10}{len(figures):>5}" + "".join(f"{c:>26}" for c in cells))
 
 
 if __name__ == "__main__":
