@@ -9,6 +9,7 @@ an EXISTING one. For each it prints, over ``--runs`` submissions, the median and
   ``studio-run``; the client then sleeps a whole second before checking its confirm, so its
   exit is no measure) until the experiment's ``output.tar`` is in S3;
 - client exit → results: from ``studio-run``'s exit (after its one-second confirm wait);
+  negative when the results were in S3 before the client exited (S3 is watched meanwhile);
 - submit → results: from ``studio-run``'s start (client start-up and workspace upload
   included), an upper bound.
 
@@ -189,26 +190,39 @@ def submit(
     command = [str(client.bin_dir / "python"), "-c", CLIENT, str(stamp)]
     command += [f"--config={client.config}", f"--queue={queue}", f"--experiment={key}", "train.py"]
     started = time.time()
-    result = subprocess.run(
-        command, cwd=workspace, env=client.env(), capture_output=True, text=True, timeout=120
-    )
-    exited = time.time()
-    if not stamp.exists():
-        raise SystemExit(f"studio run published nothing:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
-    if result.returncode != 0:
-        CLIENT_FAILURES.append(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "?")
-    published = float(stamp.read_text())
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            s3.head_object(Bucket=client.bucket, Key=f"experiments/{key}/output.tar")
-            break
-        except ClientError:
+    # watch S3 while the client runs: the results usually land before the client exits
+    with tempfile.TemporaryFile() as output:
+        client_process = subprocess.Popen(
+            command, cwd=workspace, env=client.env(), stdout=output, stderr=output
+        )
+        exited: float | None = None
+        visible: float | None = None
+        deadline = time.monotonic() + timeout
+        while visible is None or exited is None:
+            if exited is None and client_process.poll() is not None:
+                exited = time.time()
+            if visible is None and has_results(s3, client.bucket, key):
+                visible = time.time()
             if time.monotonic() > deadline:
-                raise SystemExit(f"no results for {key} on {queue} within {timeout:.0f} s") from None
+                client_process.kill()
+                raise SystemExit(f"no results for {key} on {queue} within {timeout:.0f} s")
             time.sleep(RESULT_POLL_SECONDS)
-    visible = time.time()
+        output.seek(0)
+        text = output.read().decode(errors="replace").strip()
+    if not stamp.exists():
+        raise SystemExit(f"studio run published nothing:\n{text[-3000:]}")
+    if client_process.returncode != 0:
+        CLIENT_FAILURES.append(text.splitlines()[-1] if text else "?")
+    published = float(stamp.read_text())
     return visible - published, visible - exited, visible - started
+
+
+def has_results(s3, bucket: str, key: str) -> bool:
+    try:
+        s3.head_object(Bucket=bucket, Key=f"experiments/{key}/output.tar")
+        return True
+    except ClientError:
+        return False
 
 
 def runner_share(log: Path) -> dict[str, list[float]]:
