@@ -27,9 +27,8 @@ STUDIOML_PINS = ("urllib3<2", "requests-toolbelt<1")
 """Without these, ``import studio.runner`` fails on Python 3.11."""
 
 
-@pytest.fixture(scope="session")
-def studioml_client(repo_root: Path) -> Path:
-    """A virtualenv with the real StudioML client, kept under ``.cache/`` between sessions."""
+def build_studioml_client(repo_root: Path) -> Path:
+    """A virtualenv with the real StudioML client, kept under ``.cache/`` between sessions; its bin folder."""
     venv = repo_root / ".cache" / f"studioml-client-{STUDIOML_VERSION}"
     python = venv / "bin" / "python"
     marker = venv / ".complete"
@@ -52,6 +51,11 @@ def studioml_client(repo_root: Path) -> Path:
         )
         marker.touch()
     return venv / "bin"
+
+
+@pytest.fixture(scope="session")
+def studioml_client(repo_root: Path) -> Path:
+    return build_studioml_client(repo_root)
 
 
 @dataclass
@@ -102,10 +106,8 @@ class StudioClient:
         )
 
 
-@pytest.fixture
-def studio_client(studioml_client: Path, services: Endpoints, s3_client, tmp_path: Path) -> StudioClient:
-    bucket = f"studio-{uuid.uuid4().hex[:12]}"
-    s3_client.create_bucket(Bucket=bucket)
+def make_studio_client(bin_dir: Path, services: Endpoints, bucket: str, folder: Path) -> StudioClient:
+    """A client whose config (written under ``folder``) points at ``services`` and stores in ``bucket``."""
     credentials = {"aws": {"access_key": services.s3_access_key, "secret_access_key": services.s3_secret_key}}
     store = {"type": "s3", "endpoint": services.s3_endpoint, "bucket": bucket, "credentials": credentials}
     config = {
@@ -130,13 +132,20 @@ def studio_client(studioml_client: Path, services: Endpoints, s3_client, tmp_pat
         "verbose": "error",
         "sleep_time": 1,
     }
-    path = tmp_path / "studioml-config.yaml"
+    path = folder / "studioml-config.yaml"
     path.write_text(yaml.safe_dump(config))
-    home = tmp_path / "client-home"
+    home = folder / "client-home"
     home.mkdir()
     return StudioClient(
-        bin_dir=studioml_client, config=path, home=home, bucket=bucket, sqs_endpoint=services.sqs_endpoint
+        bin_dir=bin_dir, config=path, home=home, bucket=bucket, sqs_endpoint=services.sqs_endpoint
     )
+
+
+@pytest.fixture
+def studio_client(studioml_client: Path, services: Endpoints, s3_client, tmp_path: Path) -> StudioClient:
+    bucket = f"studio-{uuid.uuid4().hex[:12]}"
+    s3_client.create_bucket(Bucket=bucket)
+    return make_studio_client(studioml_client, services, bucket, tmp_path)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,11 @@
 """``studio-runner serve``: take requests from every matching queue, run them, settle each message.
 
-Threads: the ``run()`` caller refreshes queue lists and watches limits; each matching queue
-has one worker thread that polls it, and that thread keeps any message it receives for
-the message's whole life (RabbitMQ's pika connections are confined to one thread). The
+Threads: the ``run()`` caller refreshes queue lists and watches limits; a watcher thread per
+transport that reports queue events (RabbitMQ's event exchange) starts and retires workers the
+moment a queue is created or deleted, the listing being the fallback and the reconciliation.
+Each matching queue has one worker thread that waits on it (a consumer the broker pushes to,
+or a long poll), and that thread keeps any message it receives for the message's whole life
+(RabbitMQ's pika connections are confined to one thread). The
 experiment itself runs on a separate handler thread while the worker holds the message
 alive, then the worker settles it. The handler gets a ``Message`` (plain values and the
 cancel event), never the delivery. A queue that disappears withdraws the work running from it. A worker never holds more than one message, which is
@@ -57,6 +60,13 @@ Handler = Callable[[Message], Outcome]
 Capacity = Callable[[str], bool]
 """``capacity(queue)``: False when the last request seen on that queue would not fit now."""
 
+TAKE_WAIT_SECONDS = 2.0
+"""How long a worker waits for a message in one take where the transport can wait (a RabbitMQ
+consumer returns at once when stopped; an SQS long poll of this many seconds is how long a stop or
+drain may wait for it)."""
+QUICK_LISTING_SECONDS = 1.0
+"""How often a transport that reports no queue events (SQS, directories, RabbitMQ without the
+event plugin) is listed, so a new queue waits about a second, as with StudioML's own worker."""
 REQUEUE_BACKOFF_SECONDS = 5.0
 """After giving a message back (busy, or its earlier attempt still runs), the queue's worker waits
 this long before taking from that queue again, so a message at the head is not taken in a loop."""
@@ -141,6 +151,8 @@ class Service:
         poll_interval: float = 0.5,
         max_poll_interval: float = 5.0,
         refresh_interval: float = 15.0,
+        take_wait: float = TAKE_WAIT_SECONDS,
+        quick_listing: float = QUICK_LISTING_SECONDS,
         limit_tasks: int = 0,
         limit_idle_seconds: float = 0.0,
         capacity: Capacity | None = None,
@@ -158,6 +170,8 @@ class Service:
         self.poll_interval = poll_interval
         self.max_poll_interval = max(max_poll_interval, poll_interval)
         self.refresh_interval = refresh_interval
+        self.take_wait = take_wait
+        self.quick_listing = quick_listing
         self.limit_tasks = limit_tasks
         self.limit_idle_seconds = limit_idle_seconds
         self.capacity = capacity
@@ -179,6 +193,11 @@ class Service:
         self._last_activity = time.monotonic()
         self._loop_turned = time.monotonic()
         self._last_answer: float | None = None
+        self._refresh_due = [False] * len(self.transports)
+        self._next_refresh = [0.0] * len(self.transports)  # a fast first pass
+        self._watchers: list[threading.Thread] = []
+        self._following: set[int] = set()
+        self._listed_since_following: set[int] = set()
 
     # --- control (any thread) -----------------------------------------------------------------
     @property
@@ -209,6 +228,12 @@ class Service:
     def loop_age(self) -> float:
         """Seconds since the ``run()`` loop last turned (or since construction, before it starts)."""
         return time.monotonic() - self._loop_turned
+
+    @property
+    def following_events(self) -> list[str]:
+        """The transports whose queue events this service follows now (listed once since subscribing)."""
+        with self._cond:
+            return [self.transports[index].describe() for index in sorted(self._listed_since_following)]
 
     def queues(self) -> list[str]:
         """The queues being serviced now."""
@@ -262,9 +287,10 @@ class Service:
                 raise RuntimeError("Service.run() is already running; a service runs once")
             self._run_thread = threading.get_ident()
             self._last_activity = time.monotonic()
-        next_refresh = [0.0] * len(self.transports)  # fast first pass
+        next_refresh = self._next_refresh
         failures = [0] * len(self.transports)
         abandon_deadline: float | None = None
+        self._start_watchers()
         try:
             while True:
                 now = self._loop_turned = time.monotonic()
@@ -281,7 +307,8 @@ class Service:
                         break
                 if self._taking_work():
                     for index, transport in enumerate(self.transports):
-                        if now >= next_refresh[index]:
+                        if now >= next_refresh[index] or self._refresh_due[index]:
+                            self._refresh_due[index] = False
                             next_refresh[index] = now + self._refresh(index, transport, failures)
                 with self._cond:
                     self._cond.wait(timeout=0.1)
@@ -338,33 +365,123 @@ class Service:
             return delay
         failures[index] = 0
         self._last_answer = time.monotonic()
+        interval = self.refresh_interval if index in self._following else self._listing_interval()
         if self.metrics is not None:
             self.metrics.queues_listed(transport.describe(), ok=True)
         wanted = {name for name in names if self.matcher(name)}
         with self._cond:
             for name in sorted(wanted):
-                worker = self._workers.get((index, name))
-                if worker is not None:
-                    worker.retired = False
-                    continue
-                worker = _Worker(key=(index, name), transport=transport)
-                worker.thread = threading.Thread(
-                    target=self._work, args=(worker,), name=f"queue {transport.kind} {name}", daemon=True
-                )
-                self._workers[worker.key] = worker
-                log.info("servicing %s queue %s", transport.kind, name)
-                worker.thread.start()
+                self._start_worker(index, transport, name)
             running: list[tuple[str, _Job]] = []
-            for key, worker in self._workers.items():
+            for key, worker in list(self._workers.items()):
                 if key[0] == index and key[1] not in wanted and not worker.retired:
                     log.info("queue %s is gone from %s; its worker stops", key[1], transport.describe())
-                    worker.retired = True
-                    worker.wake.set()
-                    if key in self._jobs:
-                        running.append((key[1], self._jobs[key]))
+                    job = self._retire(worker)
+                    if job is not None:
+                        running.append((key[1], job))
         for queue, job in running:
             self._cancel_withdrawn(transport, queue, job)
-        return self.refresh_interval
+        return interval
+
+    def _listing_interval(self) -> float:
+        """Without queue events, listing is how new queues are found: list often."""
+        return min(self.refresh_interval, self.quick_listing)
+
+    def _start_worker(self, index: int, transport: Transport, name: str) -> None:
+        """A worker for a matching queue, unless it has one (a retiring one is kept on)."""
+        with self._cond:
+            worker = self._workers.get((index, name))
+            if worker is not None:
+                worker.retired = False
+                return
+            if self._shutdown.is_set():
+                return
+            worker = _Worker(key=(index, name), transport=transport)
+            worker.thread = threading.Thread(
+                target=self._work, args=(worker,), name=f"queue {transport.kind} {name}", daemon=True
+            )
+            self._workers[worker.key] = worker
+            log.info("servicing %s queue %s", transport.kind, name)
+            worker.thread.start()
+
+    def _retire(self, worker: _Worker) -> _Job | None:
+        """Stop a queue's worker; returns the job running from that queue, if any."""
+        with self._cond:
+            worker.retired = True
+            worker.wake.set()
+            return self._jobs.get(worker.key)
+
+    # --- queue events -------------------------------------------------------------------------
+    def _start_watchers(self) -> None:
+        for index, transport in enumerate(self.transports):
+            if transport.has_events:
+                thread = threading.Thread(
+                    target=self._watch, args=(index, transport), name=f"events {transport.kind}", daemon=True
+                )
+                self._watchers.append(thread)
+                thread.start()
+
+    def _watch(self, index: int, transport: Transport) -> None:
+        """Follow the transport's queue events until shutdown; when they fail, the listing carries
+        on alone and the watcher tries again with back-off. Each (re)subscription asks for a
+        listing, which covers whatever happened while nobody was listening."""
+        failures = 0
+
+        def ready() -> None:
+            nonlocal failures
+            failures = 0
+            log.info("following queue events of %s", transport.describe())
+            with self._cond:
+                self._following.add(index)
+            if self._taking_work():
+                self._next_refresh[index] = time.monotonic() + self._refresh(index, transport, [0])
+            else:
+                with self._cond:
+                    self._refresh_due[index] = True
+            with self._cond:
+                self._listed_since_following.add(index)
+
+        while not self._shutdown.is_set():
+            try:
+                transport.watch(
+                    lambda change, queue: self._on_queue_event(index, transport, change, queue),
+                    self._shutdown,
+                    ready,
+                )
+            except Exception as error:
+                with self._cond:
+                    self._following.discard(index)
+                    self._listed_since_following.discard(index)
+                    self._next_refresh[index] = min(
+                        self._next_refresh[index], time.monotonic() + self._listing_interval()
+                    )
+                failures += 1
+                delay = min(2.0 ** (failures - 1), 60.0)
+                log.warning(
+                    "queue events of %s are unavailable (%s); new queues are found by listing every "
+                    "%.0f s. Trying again in %.0f s",
+                    transport.describe(),
+                    error,
+                    self.refresh_interval,
+                    delay,
+                )
+                self._shutdown.wait(delay)
+
+    def _on_queue_event(self, index: int, transport: Transport, change: str, queue: str) -> None:
+        if not self.matcher(queue):
+            return
+        if change == "created":
+            if self._taking_work():
+                self._start_worker(index, transport, queue)
+            return
+        with self._cond:
+            worker = self._workers.get((index, queue))
+            if worker is None or worker.retired:
+                return
+            log.info("queue %s was deleted from %s; its worker stops", queue, transport.describe())
+            job = self._retire(worker)
+        if job is not None:
+            self._cancel_withdrawn(transport, queue, job)
 
     def _cancel_withdrawn(self, transport: Transport, queue: str, job: _Job) -> None:
         """A deleted queue cancels the work taken from it (spec §2.7), once the queue itself, not
@@ -392,6 +509,8 @@ class Service:
         for worker in workers:
             if worker.thread is not None:
                 worker.thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        for thread in self._watchers:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _wake_workers(self) -> None:
         with self._cond:
@@ -409,7 +528,10 @@ class Service:
     # --- queue workers ------------------------------------------------------------------------
     def _work(self, worker: _Worker) -> None:
         with logs.bound(queue=worker.queue):
-            self._work_loop(worker)
+            try:
+                self._work_loop(worker)
+            finally:
+                worker.transport.release_thread()
 
     def _work_loop(self, worker: _Worker) -> None:
         delay = 0.0
@@ -448,8 +570,14 @@ class Service:
             return self.poll_interval
         if self.metrics is not None:
             self.metrics.queue_checked(worker.transport.kind, worker.queue)
+        waits = worker.transport.waits_for_messages
+        started = time.monotonic()
         try:
-            delivery = worker.transport.get(worker.queue)
+            delivery = worker.transport.get(
+                worker.queue,
+                wait=self.take_wait if waits else None,
+                stop=lambda: worker.retired or not self._taking_work(),
+            )
         except Exception as error:
             self._unreserve()
             log.warning("polling %s failed: %s", worker.queue, error)
@@ -457,7 +585,10 @@ class Service:
         self._last_answer = time.monotonic()
         if delivery is None:
             self._unreserve()
-            return self._backoff(delay)
+            # a wait that ran its course means an empty queue: wait again at once. An early empty
+            # answer (the queue is gone, or the transport cannot wait) backs off instead.
+            waited = waits and self._last_answer - started >= self.take_wait / 2
+            return 0.0 if waited else self._backoff(delay)
         with self._cond:
             self._last_activity = time.monotonic()
         if self._process(worker, delivery) is Disposition.REQUEUE:

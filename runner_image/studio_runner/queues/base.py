@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -157,14 +157,32 @@ class Transport(abc.ABC):
     """
 
     kind: TransportKind
+    waits_for_messages = False
+    """``get`` waits for a message to arrive (push or long poll), so an empty answer needs no back-off."""
+    has_events = False
+    """``watch`` reports new and deleted queues as they happen; listings remain the fallback."""
 
     @abc.abstractmethod
     def discover(self) -> list[str]:
         """Bare names of the queues this server has now, unfiltered (the matcher filters)."""
 
     @abc.abstractmethod
-    def get(self, queue: str) -> Delivery | None:
-        """Claim one message from ``queue``, or None when it is empty or gone."""
+    def get(
+        self, queue: str, wait: float | None = None, stop: Callable[[], bool] | None = None
+    ) -> Delivery | None:
+        """Claim one message from ``queue``, or None when it is empty or gone. Where the transport
+        ``waits_for_messages``, wait up to ``wait`` seconds (None: its default) for one to arrive,
+        returning early once ``stop()`` is true or the queue is gone."""
+
+    def watch(
+        self, on_change: Callable[[str, str], None], stop: threading.Event, ready: Callable[[], None]
+    ) -> None:
+        """Call ``on_change("created" | "deleted", queue)`` as queues come and go, until ``stop`` is
+        set; ``ready()`` once listening. Raises QueueError when events cannot be had."""
+        raise NotImplementedError(f"{type(self).__name__} reports no queue events; list them with discover()")
+
+    def release_thread(self) -> None:  # noqa: B027 - most transports keep nothing per thread
+        """Free what the calling thread kept between ``get`` calls (a queue worker ends)."""
 
     @abc.abstractmethod
     def exists(self, queue: str) -> bool: ...

@@ -20,6 +20,7 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +96,10 @@ class LocalDirTransport(Transport):
     def exists(self, queue: str) -> bool:
         return (self.root / queue).is_dir()
 
-    def get(self, queue: str) -> LocalDelivery | None:
+    def get(
+        self, queue: str, wait: float | None = None, stop: Callable[[], bool] | None = None
+    ) -> LocalDelivery | None:
+        """Claim the oldest waiting file; never waits (the service polls directories with back-off)."""
         directory = self.root / queue
         self.recover(queue)
         for path in self._waiting(directory):

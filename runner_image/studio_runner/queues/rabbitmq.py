@@ -1,11 +1,16 @@
 """RabbitMQ queues as the StudioML client sets them up (spec §2.2), consumed with pika.
 
-Threading: pika's ``BlockingConnection`` must only ever be used by one thread. Each ``get``
-therefore opens its own connection on the calling thread, and a message it returns keeps
-that connection (and the thread) for its whole life: ``hold_until`` services heartbeats on
-it while the experiment runs on another thread, and the settle happens on it afterwards.
-Every delivery method checks the thread, so misuse fails loudly instead of corrupting frames.
-A runner that dies drops the connection, and the broker redelivers the unacked message.
+Threading: pika's ``BlockingConnection`` must only ever be used by one thread. Each thread
+that calls ``get`` gets its own connection (kept between calls, so a queue's worker reuses
+one), and a message it returns keeps that connection (and the thread) for its whole life:
+``hold_until`` services heartbeats on it while the experiment runs on another thread, and the
+settle happens on it afterwards. Every delivery method checks the thread, so misuse fails
+loudly instead of corrupting frames. A runner that dies drops the connection, and the broker
+redelivers the unacked message; a delivery closed unsettled closes its channel, which does the same.
+
+Work is pushed: ``get`` opens a consumer (prefetch 1, manual ack) and waits for the broker to
+deliver, so a message is taken the moment it is published. New and deleted queues are learnt
+from the broker's event exchange (``watch``), with the management API's listing as the fallback.
 
 The client declares the exchange and its queues; we only declare passively, or with the
 client's exact flags when something is missing, so we never cause PRECONDITION_FAILED.
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -56,7 +62,14 @@ CONSUMER_TIMEOUT_ARGUMENT = "x-consumer-timeout"
 CONSUMER_TIMEOUT_SINCE = (3, 12)
 """The first RabbitMQ release that honours ``x-consumer-timeout`` on ``basic.consume``."""
 CONSUME_WAIT_SECONDS = 0.2
-"""How long a consume-based take waits for the broker to push a message before calling the queue empty."""
+"""How long ``get`` waits by default for the broker to push a message before calling the queue empty."""
+WAIT_TICK_SECONDS = 0.1
+"""How often a waiting ``get`` or ``watch`` looks at its stop condition."""
+IDLE_CONNECTION_SECONDS = 30.0
+"""A thread's parked connection older than this is replaced: nothing serviced its heartbeats meanwhile."""
+EVENT_EXCHANGE = "amq.rabbitmq.event"
+"""Where the ``rabbitmq_event_exchange`` plugin publishes broker events (queue and binding changes)."""
+EVENT_KEYS = ("queue.created", "queue.deleted", "binding.created")
 
 
 def consumer_timeout_ms(limit_seconds: float, grace_seconds: float, upload_seconds: float) -> int:
@@ -77,7 +90,7 @@ def server_version(server_properties: Mapping[str, Any] | None) -> tuple[int, ..
 
 def consumer_arguments(version: tuple[int, ...] | None, timeout_ms: int | None) -> dict[str, Any] | None:
     """The ``basic.consume`` arguments that carry our timeout, or None where the broker cannot take
-    them (older than 3.12, or unknown): there the runner takes with ``basic.get`` as before."""
+    them (older than 3.12, or unknown): there the broker's own ``consumer_timeout`` applies."""
     if timeout_ms is None or version is None or version < CONSUMER_TIMEOUT_SINCE:
         return None
     return {CONSUMER_TIMEOUT_ARGUMENT: timeout_ms}
@@ -87,10 +100,33 @@ def routing_key(queue: str) -> str:
     return f"{ROUTING_PREFIX}{queue}"
 
 
+def queue_event(routing: str, headers: Mapping[str, Any] | None, vhost: str) -> tuple[str, str] | None:
+    """``("created" | "deleted", queue)`` from one event-exchange message, or None when it is not
+    about a queue of ``vhost`` that could hold work. A binding to ``StudioML.topic`` counts as a
+    creation too: the client declares, then binds, and the listing only shows bound queues."""
+    fields = {key: _text(value) for key, value in (headers or {}).items()}
+    if fields.get("vhost") != vhost:
+        return None
+    if routing in ("queue.created", "queue.deleted") and fields.get("name"):
+        return routing.split(".", 1)[1], fields["name"]
+    if (
+        routing == "binding.created"
+        and fields.get("source_name") == EXCHANGE
+        and fields.get("destination_kind") == "queue"
+        and fields.get("routing_key", "").startswith(ROUTING_PREFIX)
+        and fields.get("destination_name")
+    ):
+        return "created", fields["destination_name"]
+    return None
+
+
 class RabbitMQTransport(Transport):
-    """One broker (one vhost): discovery through the management API, work through ``basic.get``."""
+    """One broker (one vhost): queues learnt from broker events and the management API, work pushed
+    to a consumer."""
 
     kind = "rmq"
+    waits_for_messages = True
+    has_events = True
 
     def __init__(
         self,
@@ -103,7 +139,7 @@ class RabbitMQTransport(Transport):
     ) -> None:
         """``consumer_timeout_ms``: on RabbitMQ 3.12 or later, take messages with a consumer that
         carries this ``x-consumer-timeout``, so a long run keeps its claim past the broker's
-        ``consumer_timeout``; older brokers get ``basic.get`` and the broker's own setting."""
+        ``consumer_timeout``; older brokers get a consumer without it and the broker's own setting."""
         self._amqp_url = amqp_url
         self.consumer_timeout_ms = consumer_timeout_ms
         parameters = pika.URLParameters(amqp_url)  # validates the URL once, here
@@ -117,6 +153,7 @@ class RabbitMQTransport(Transport):
                 getattr(parameters.credentials, "password", ""),
             ),
         )
+        self._parked = threading.local()
 
     def describe(self) -> str:
         return f"rmq {redact(self._amqp_url)}"
@@ -175,21 +212,24 @@ class RabbitMQTransport(Transport):
                 f"cannot connect to RabbitMQ at {redact(self._amqp_url)}: {error!r}; check --amqp-url"
             ) from error
 
-    def get(self, queue: str) -> RabbitMQDelivery | None:
-        connection = self.connect(queue)
+    def get(
+        self, queue: str, wait: float | None = None, stop: Callable[[], bool] | None = None
+    ) -> RabbitMQDelivery | None:
+        """Consume one message (prefetch 1, manual ack), waiting up to ``wait`` seconds (default
+        ``CONSUME_WAIT_SECONDS``) for the broker to push one, or until ``stop()`` says so."""
+        connection = self._connection(queue)
         arguments = consumer_arguments(
             server_version(connection._impl.server_properties),  # pika keeps them on the impl only
             self.consumer_timeout_ms,
         )
-        consumer: str | None = None
+        channel: BlockingChannel | None = None
         try:
             channel = connection.channel()
-            if arguments is None:
-                method, properties, body = channel.basic_get(queue, auto_ack=False)
-            else:
-                consumer, (method, properties, body) = _consume_one(connection, channel, queue, arguments)
+            consumer, (method, properties, body) = _consume_one(
+                connection, channel, queue, arguments, CONSUME_WAIT_SECONDS if wait is None else wait, stop
+            )
         except pika.exceptions.ChannelClosedByBroker as error:
-            _close_quietly(connection)
+            self._park(queue, connection)  # only the channel is gone
             if error.reply_code == 404:
                 return None  # the client deleted its queue: nothing to do
             raise QueueError(
@@ -199,16 +239,97 @@ class RabbitMQTransport(Transport):
             _close_quietly(connection)
             raise QueueError(f"taking a message from RabbitMQ queue {queue!r} failed: {error!r}") from error
         if method is None:
-            _close_quietly(connection)
+            _close_channel(channel)
+            self._park(queue, connection)
             return None
-        return RabbitMQDelivery(queue, connection, channel, method, properties, body, consumer=consumer)
+        return RabbitMQDelivery(
+            queue,
+            connection,
+            channel,
+            method,
+            properties,
+            body,
+            consumer=consumer,
+            release=functools.partial(self._park, queue),
+        )
+
+    def _connection(self, queue: str) -> pika.BlockingConnection:
+        """This thread's parked connection for ``queue`` if it is fresh and open, else a new one
+        (named after the queue, so operators can tell which queue a connection serves)."""
+        parked = self._parked_here().pop(queue, None)
+        if parked is not None:
+            connection, since = parked
+            if connection.is_open and time.monotonic() - since < IDLE_CONNECTION_SECONDS:
+                return connection
+            _close_quietly(connection)
+        return self.connect(queue)
+
+    def _parked_here(self) -> dict[str, tuple[pika.BlockingConnection, float]]:
+        parked = getattr(self._parked, "connections", None)
+        if parked is None:
+            parked = self._parked.connections = {}
+        return parked
+
+    def _park(self, queue: str, connection: pika.BlockingConnection) -> None:
+        """Keep an open connection for this thread's next ``get`` from ``queue``; one is enough."""
+        parked = self._parked_here()
+        if connection.is_closed or (queue in parked and parked[queue][0] is not connection):
+            _close_quietly(connection)
+            return
+        parked[queue] = (connection, time.monotonic())
+
+    def release_thread(self) -> None:
+        parked = self._parked_here()
+        while parked:
+            _close_quietly(parked.popitem()[1][0])
+
+    def watch(
+        self, on_change: Callable[[str, str], None], stop: threading.Event, ready: Callable[[], None]
+    ) -> None:
+        """Report queue creations and deletions of this vhost as the broker publishes them, until
+        ``stop`` is set; ``ready()`` once subscribed. Raises QueueError when the events cannot be had."""
+        connection = self.connect("queue events")
+        try:
+            channel = connection.channel()
+            private = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+            for key in EVENT_KEYS:
+                channel.queue_bind(private, EVENT_EXCHANGE, routing_key=key)
+
+            def deliver(
+                _channel: BlockingChannel, method: Any, properties: BasicProperties, _body: bytes
+            ) -> None:
+                change = queue_event(method.routing_key, properties.headers, self._vhost)
+                if change is not None:
+                    on_change(*change)
+
+            channel.basic_consume(private, deliver, auto_ack=True)
+            ready()
+            while not stop.is_set():
+                connection.process_data_events(time_limit=WAIT_TICK_SECONDS)
+        except pika.exceptions.ChannelClosedByBroker as error:
+            hint = (
+                "; enable the rabbitmq_event_exchange plugin (see docs/brokers.md)"
+                if error.reply_code == 404
+                else ""
+            )
+            raise QueueError(f"RabbitMQ queue events are unavailable: {error.reply_text}{hint}") from error
+        except pika.exceptions.AMQPError as error:
+            raise QueueError(f"RabbitMQ queue events stopped: {error!r}") from error
+        finally:
+            _close_quietly(connection)
 
 
 def _consume_one(
-    connection: pika.BlockingConnection, channel: BlockingChannel, queue: str, arguments: dict[str, Any]
+    connection: pika.BlockingConnection,
+    channel: BlockingChannel,
+    queue: str,
+    arguments: dict[str, Any] | None,
+    wait: float,
+    stop: Callable[[], bool] | None,
 ) -> tuple[str | None, tuple[Any, Any, Any]]:
     """Take one message with a consumer (prefetch 1, so the broker pushes no second one while it is
-    held); the consumer stays open while the message is held, because its timeout lives on it."""
+    held); the consumer stays open while the message is held, because its timeout lives on it.
+    Returns early when the broker cancels the consumer (the queue was deleted)."""
     channel.basic_qos(prefetch_count=1)
     taken: list[tuple[Any, Any, Any]] = []
     tag = channel.basic_consume(
@@ -217,17 +338,22 @@ def _consume_one(
         auto_ack=False,
         arguments=arguments,
     )
-    deadline = time.monotonic() + CONSUME_WAIT_SECONDS
-    while not taken and time.monotonic() < deadline:
-        connection.process_data_events(time_limit=max(0.0, deadline - time.monotonic()))
+    deadline = time.monotonic() + max(0.0, wait)
+    while not taken:
+        connection.process_data_events(
+            time_limit=min(WAIT_TICK_SECONDS, max(0.0, deadline - time.monotonic()))
+        )
+        if taken or time.monotonic() >= deadline or tag not in channel.consumer_tags or (stop and stop()):
+            break
     if not taken:
-        channel.basic_cancel(tag)  # pika nacks anything that arrives meanwhile back to the queue
+        if tag in channel.consumer_tags:
+            channel.basic_cancel(tag)  # pika nacks anything that arrives meanwhile back to the queue
         return None, (None, None, None)
     return tag, taken[0]
 
 
 class RabbitMQDelivery(Delivery):
-    """A message from ``basic.get``, unacked on a connection only its receiving thread touches."""
+    """A consumed message, unacked on a channel of a connection only its receiving thread touches."""
 
     def __init__(
         self,
@@ -239,6 +365,7 @@ class RabbitMQDelivery(Delivery):
         body: bytes,
         *,
         consumer: str | None = None,
+        release: Callable[[pika.BlockingConnection], None] | None = None,
     ) -> None:
         headers = dict(properties.headers or {})
         super().__init__(
@@ -255,6 +382,7 @@ class RabbitMQDelivery(Delivery):
         self._owner = threading.get_ident()
         self._publisher: BlockingChannel | None = None
         self._consumer = consumer
+        self._return_connection = release
 
     def hold_until(self, done: threading.Event) -> None:
         """Service the connection (heartbeats, channel events) until ``done``; pika needs us to."""
@@ -324,16 +452,24 @@ class RabbitMQDelivery(Delivery):
             self._channel.basic_ack(self._tag)
 
     def _release(self) -> None:
+        """Close our channels (an unacked message goes back to its queue) and hand the connection
+        back to the thread for its next take; a connection in doubt is closed instead."""
         self._check_thread()
-        _close_quietly(self._connection)
+        for channel in (self._publisher, self._channel):
+            if channel is not None and not _close_channel(channel):
+                _close_quietly(self._connection)
+        if self._return_connection is not None and self._connection.is_open:
+            self._return_connection(self._connection)
+        else:
+            _close_quietly(self._connection)
 
     # --- helpers ------------------------------------------------------------------------------
     def _end_consumer(self) -> None:
         """Before settling a consumed message: with prefetch 1 the broker would push the next one
         the moment this one is acked, only for it to go back (flagged redelivered) on close."""
-        if self._consumer is not None:
-            self._channel.basic_cancel(self._consumer)
-            self._consumer = None
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None and self._channel.is_open and consumer in self._channel.consumer_tags:
+            self._channel.basic_cancel(consumer)  # on a closed channel the settle itself reports the loss
 
     def _check_thread(self) -> None:
         if threading.get_ident() != self._owner:
@@ -430,6 +566,21 @@ def _as_int(value: Any, default: int) -> int:
         return int(value)
     except (TypeError, ValueError):
         return default
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _close_channel(channel: BlockingChannel) -> bool:
+    """Close a channel; False when that failed, so its connection cannot be trusted."""
+    try:
+        if channel.is_open:
+            channel.close()
+        return True
+    except Exception:
+        log.debug("closing a RabbitMQ channel failed", exc_info=True)
+        return False
 
 
 def _close_quietly(connection: pika.BlockingConnection) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ MAX_MESSAGE_ATTRIBUTES = 10
 """SQS refuses a message with more; ours win, the sender's are trimmed."""
 
 VISIBILITY_TIMEOUT = 30
+MAX_WAIT_SECONDS = 20
+"""SQS's longest ``WaitTimeSeconds`` for a long poll."""
 VISIBILITY_CEILING_SECONDS = 12 * 3600.0
 """SQS caps a message's total invisibility at 12 h after its receipt: a longer run loses its claim."""
 HOLD_MARGIN_SECONDS = 600.0
@@ -61,6 +64,7 @@ class SqsTransport(Transport):
     """Every ``sqs_`` queue of every credential set; a name found in several accounts is served from each in turn."""
 
     kind = "sqs"
+    waits_for_messages = True
 
     def __init__(
         self,
@@ -175,26 +179,31 @@ class SqsTransport(Transport):
     def exists(self, queue: str) -> bool:
         return bool(self._resolve(queue, refresh=True))
 
-    def get(self, queue: str) -> SqsDelivery | None:
+    def get(
+        self, queue: str, wait: float | None = None, stop: Callable[[], bool] | None = None
+    ) -> SqsDelivery | None:
+        """Long-poll each credential set's copy of ``queue`` in turn for ``wait`` seconds (whole
+        seconds, at most SQS's 20; None: ``wait_seconds``); SQS answers the moment a message lands."""
         routes = self._resolve(queue)
         if not routes:
             return None
+        seconds = self.wait_seconds if wait is None else min(MAX_WAIT_SECONDS, max(0, round(wait)))
         with self._lock:
             turn = self._turn.get(queue, 0)
             self._turn[queue] = turn + 1
         for route in routes[turn % len(routes) :] + routes[: turn % len(routes)]:
-            delivery = self._receive(queue, route)
-            if delivery is not None:
+            delivery = self._receive(queue, route, seconds)
+            if delivery is not None or (stop is not None and stop()):
                 return delivery
         return None
 
-    def _receive(self, queue: str, route: _Route) -> SqsDelivery | None:
+    def _receive(self, queue: str, route: _Route, wait_seconds: int) -> SqsDelivery | None:
         try:
             answer = route.account.client.receive_message(
                 QueueUrl=route.url,
                 MaxNumberOfMessages=1,
                 VisibilityTimeout=self.visibility_for(0.0),
-                WaitTimeSeconds=self.wait_seconds,
+                WaitTimeSeconds=wait_seconds,
                 MessageAttributeNames=["All"],
                 MessageSystemAttributeNames=["ApproximateReceiveCount"],
             )
