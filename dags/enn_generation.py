@@ -1,15 +1,16 @@
 """ENN generations: one DAG run trains one generation of a population of neural networks.
 
-    breed ──► train (one StudioML experiment per genome, mapped) ──► collect ──► select
-                                                                            └──► next_generation
+    breed ──► train (one StudioML experiment per genome, mapped) ──► select ──► next_generation
 
 ``breed`` makes generation ``g`` from generation ``g - 1``'s results in S3 (generation 0 is
 random); ``train`` runs each genome's experiment with ``StudioExperimentOperator`` (a GPU pod, or
-the worker itself in local mode); ``collect`` gathers the experiments' metadata with
-``MetadataScrapeOperator``; ``select`` scores the generation, records its summary and the fitness
-plot; and ``next_generation`` starts the run for ``g + 1`` until the generation limit or the
-target fitness is reached. Each generation is one row in the Grid view, retried and cleared on
-its own; clearing a generation re-runs it and, through ``reset_dag_run``, the ones after it.
+the worker itself in local mode); ``select`` reads the experiments' scrape documents, scores the
+generation, records its summary and the fitness plot, and decides whether another generation
+follows; ``next_generation`` starts the run for ``g + 1``, or is skipped (with the reason) at the
+generation limit or the target fitness. Few tasks between one generation's training and the
+next: each hop costs a task process and a DAG parse. Each generation is one row in the Grid
+view, retried and cleared on its own; clearing a generation re-runs it and, through
+``reset_dag_run``, the ones after it.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from typing import Any
 
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowSkipException
 
 from airflow_provider_studio.operators.experiment import StudioExperimentOperator
-from airflow_provider_studio.operators.metadata import MetadataScrapeOperator
 
 DAG_ID = "enn_generation"
 WORKLOAD = Path(__file__).parent / "enn" / "workload"
@@ -74,6 +75,13 @@ RESOURCES = {
     "gpus": "{{ 1 if params.gpus_per_experiment else 0 }}",
 }
 """Each experiment's StudioML ``resources_needed``; the pod's ``nvidia.com/gpu`` is ``gpuCount``."""
+
+
+def _skip_unless_continuing(context: Any) -> None:
+    """``next_generation`` runs only when ``select`` decided that another generation follows."""
+    decision = context["ti"].xcom_pull(task_ids="select") or {}
+    if not decision.get("continue"):
+        raise AirflowSkipException(decision.get("reason") or "select decided that no generation follows")
 
 
 def _campaign(params: dict[str, Any]):
@@ -140,20 +148,10 @@ def enn_generation():
         map_index_template="{{ task.experiment_key }}",
     ).expand_kwargs(breed())
 
-    collect = MetadataScrapeOperator(
-        task_id="collect",
-        experiments=train.output,
-        bucket="{{ params.bucket }}",
-        aws_conn_id=AWS_CONN_ID,
-        fields=["experiment.fitness", "experiment.genome_id", "experiment.train_seconds"],
-        allow_missing=True,
-        output_uri="s3://{{ params.bucket }}/enn/{{ params.campaign }}/generation-{{ '%03d' % params.generation }}/table.jsonl",
-        trigger_rule="all_done",
-    )
-
-    @task
-    def select(table: list[dict[str, Any]]) -> dict[str, Any]:
-        """Score the generation, record it, and decide whether another one follows."""
+    @task(trigger_rule="all_done")  # a genome's failed task scores nothing; the generation goes on
+    def select(results: Any) -> dict[str, Any]:
+        """Collect the experiments' results, score the generation, record it, and decide whether
+        another one follows."""
         from enn.campaign import fitness_plot
         from enn.evolution import summarise
 
@@ -161,6 +159,7 @@ def enn_generation():
         params = context["params"]
         campaign = _campaign(params)
         generation = params["generation"]
+        table = campaign.collect(generation, results)
         scored = campaign.scored(generation)
         started = context["dag_run"].start_date
         summary = {
@@ -176,30 +175,33 @@ def enn_generation():
         history = campaign.summaries()
         plot = campaign.save_plot(fitness_plot(history, params["campaign"]))
         best = summary["best_fitness"] or 0.0
-        more = generation + 1 < params["generations"] and best < params["target_fitness"]
+        if generation + 1 >= params["generations"]:
+            reason = f"generation limit reached ({params['generations']} generations)"
+        elif best >= params["target_fitness"]:
+            reason = f"target fitness reached ({best:.4f} >= {params['target_fitness']})"
+        else:
+            reason = None
         print(f"generation {generation}: best {best:.4f}, mean {summary['mean_fitness']}, plot {plot}")
+        print(f"stopping: {reason}" if reason else f"generation {generation + 1} follows")
         return {
             "summary": summary,
             "plot": plot,
-            "continue": more,
+            "continue": reason is None,
+            "reason": reason,
             "next_conf": {**params, "generation": generation + 1},
             "next_run_id": f"{params['campaign']}-gen-{generation + 1:03d}",
         }
 
-    @task.short_circuit
-    def another_generation(decision: dict[str, Any]) -> bool:
-        return decision["continue"]
-
-    decision = select(collect.output)
-    next_generation = TriggerDagRunOperator(
+    decision = select(train.output)
+    TriggerDagRunOperator(
         task_id="next_generation",
         trigger_dag_id=DAG_ID,
         trigger_run_id=decision["next_run_id"],
         conf=decision["next_conf"],
         reset_dag_run=True,  # re-running generation g re-runs the generations that came from it
         wait_for_completion=False,
+        pre_execute=_skip_unless_continuing,  # the decision stays visible: skipped, with the reason
     )
-    another_generation(decision) >> next_generation
 
 
 enn_generation()

@@ -93,11 +93,18 @@ class LocalAirflow:
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(self.port),
             "AIRFLOW__API__BASE_URL": self.url,
+            # Demo settings for 2 cores (issue 11): the DAG files do not change during a demo, so
+            # the DAG processor lists the folder often (a new checkout's DAGs appear in seconds)
+            # but re-parses each file rarely and with one process, leaving the cores to training;
+            # the scheduler looks again a quarter second after an idle loop, not a second, so
+            # the next task of a generation starts as soon as the previous one has ended.
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
+            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "300",
+            "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
+            "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.25",
             # a cold machine's first import of the providers takes tens of seconds on 2 busy cores
             "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "120",
             "AIRFLOW__DAG_PROCESSOR__DAG_FILE_PROCESSOR_TIMEOUT": "180",
-            "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "10",
             "AIRFLOW__STUDIO__EXECUTION_MODE": "local",
             "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(aws),
         }
