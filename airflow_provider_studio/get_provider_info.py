@@ -209,6 +209,32 @@ def get_provider_info() -> dict[str, Any]:
                         "example": "/var/cache/studio",
                         "default": "",
                     },
+                    "env_cache_uri": {
+                        "description": (
+                            "Where runners share packed virtualenvs, ``s3://host[:port]/bucket/prefix`` "
+                            "(the runner's ``--env-cache-uri``): a fresh pod restores its request's "
+                            "environment from there instead of installing it. Empty means "
+                            "``studio-env-cache/`` in the experiment's results bucket (the queue "
+                            "runner: in the AWS connection's ``service_config.s3.bucket_name``); "
+                            "``off`` turns the cache off. An operator's ``env_cache_uri`` wins."
+                        ),
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "s3://s3.eu-west-1.amazonaws.com/studio-runner-cache/envs",
+                        "default": "",
+                    },
+                    "env_cache_volume": {
+                        "description": (
+                            "Node-local cache of packed virtualenvs for runner pods, consulted before "
+                            "``env_cache_uri`` and mounted at ``/env-cache``: an absolute path is a "
+                            "hostPath (writable by GID 10001), anything else a PersistentVolumeClaim's "
+                            "name. Empty means none. An operator's ``env_cache_volume`` wins."
+                        ),
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "/var/cache/studio-runner/envs",
+                        "default": "",
+                    },
                 },
             }
         },

@@ -1,18 +1,18 @@
 """ENN generations: one DAG run trains one generation of a population of neural networks.
 
-    breed ──► train (one StudioML experiment per genome, mapped) ──► collect ──► select
-                                                                            └──► next_generation
+    breed ──► train (one StudioML experiment per genome, mapped) ──► select ──► next_generation
 
 ``breed`` makes generation ``g`` from generation ``g - 1``'s results in S3 (generation 0 is
 random); ``train`` runs each genome's experiment with ``StudioExperimentOperator`` (a GPU pod, or
-the worker itself in local mode); ``collect`` gathers the experiments' metadata with
-``MetadataScrapeOperator``; ``select`` scores the generation, records its summary and the fitness
-plot; and ``next_generation`` starts the run for ``g + 1`` until the generation limit or the
-target fitness is reached. With ``mode=queue`` one ``train_queue`` task queues the whole
-generation to ``rmq_enn_<campaign>`` and waits in the triggerer instead (runners: the
+the worker itself in local mode); ``select`` reads the experiments' scrape documents, scores the
+generation, records its summary and the fitness plot, and decides whether another generation
+follows; ``next_generation`` starts the run for ``g + 1``, or is skipped (with the reason) at the
+generation limit or the target fitness. With ``mode=queue`` one ``train_queue`` task queues the
+whole generation to ``rmq_enn_<campaign>`` and waits in the triggerer instead (runners: the
 ``queue_runners`` this DAG starts, or Deployments scaled by KEDA); selection and breeding are the
-same. Each generation is one row in the Grid view, retried and cleared on
-its own; clearing a generation re-runs it and, through ``reset_dag_run``, the ones after it.
+same. Few tasks between one generation's training and the next: each hop costs a task process
+and a DAG parse. Each generation is one row in the Grid view, retried and cleared on its own;
+clearing a generation re-runs it and, through ``reset_dag_run``, the ones after it.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
-from airflow.sdk import Asset, AssetAlias, Param, TriggerRule, dag, get_current_context, task
+from airflow.sdk import Asset, AssetAlias, Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from airflow_provider_studio.operators.experiment import StudioExperimentOperator
 from airflow_provider_studio.operators.generation import StudioGenerationOperator
-from airflow_provider_studio.operators.metadata import MetadataScrapeOperator
 from airflow_provider_studio.operators.queue_runner import StudioQueueRunnerOperator, exactly
 
 DAG_ID = "enn_generation"
@@ -111,6 +111,13 @@ RESOURCES = {
 """Each experiment's StudioML ``resources_needed``; the pod's ``nvidia.com/gpu`` is ``gpuCount``."""
 
 
+def _skip_unless_continuing(context: Any) -> None:
+    """``next_generation`` runs only when ``select`` decided that another generation follows."""
+    decision = context["ti"].xcom_pull(task_ids="select") or {}
+    if not decision.get("continue"):
+        raise AirflowSkipException(decision.get("reason") or "select decided that no generation follows")
+
+
 def _campaign(params: dict[str, Any]):
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
     from enn.campaign import Campaign
@@ -167,7 +174,7 @@ def enn_generation():
         """Mapped: a task instance per genome; queue: one task for the whole generation."""
         if get_current_context()["params"]["mode"] == "queue":
             return ["train_queue", "runner_slots"]
-        return ["train", "collect"]
+        return ["train"]
 
     genomes = breed()
     mode = choose_mode()
@@ -187,17 +194,7 @@ def enn_generation():
         map_index_template="{{ task.experiment_key }}",
     ).expand_kwargs(genomes)
 
-    collect = MetadataScrapeOperator(
-        task_id="collect",
-        experiments=train.output,
-        bucket="{{ params.bucket }}",
-        aws_conn_id=AWS_CONN_ID,
-        fields=FIELDS,
-        allow_missing=True,
-        output_uri=TABLE_URI,
-        trigger_rule="all_done",
-    )
-    mode >> [train, collect]
+    mode >> train
 
     train_queue = StudioGenerationOperator(
         task_id="train_queue",
@@ -232,12 +229,10 @@ def enn_generation():
     ).expand(queue_match=slots)
     mode >> [train_queue, slots]
 
-    @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS, outlets=[CAMPAIGN_RESULTS])
-    def select(
-        table: list[dict[str, Any]] | None, queued: list[dict[str, Any]] | None = None
-    ) -> dict[str, Any]:
-        """Score the generation, record it, and decide whether another one follows (either mode)."""
-        table = table if table is not None else queued or []
+    @task(trigger_rule="all_done", outlets=[CAMPAIGN_RESULTS])  # a failed genome scores nothing
+    def select(results: Any, queued: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Collect the generation's results (mapped: from the experiments' scrape documents; queue:
+        the table ``train_queue`` returned), score it, record it, and decide whether another follows."""
         from enn.campaign import fitness_plot
         from enn.evolution import summarise
 
@@ -245,6 +240,12 @@ def enn_generation():
         params = context["params"]
         campaign = _campaign(params)
         generation = params["generation"]
+        if params["mode"] == "queue":
+            if queued is None:
+                raise AirflowFailException("train_queue returned no table: the generation did not finish")
+            table = queued
+        else:
+            table = campaign.collect(generation, results)
         scored = campaign.scored(generation)
         started = context["dag_run"].start_date
         summary = {
@@ -260,7 +261,12 @@ def enn_generation():
         history = campaign.summaries()
         plot = campaign.save_plot(fitness_plot(history, params["campaign"]))
         best = summary["best_fitness"] or 0.0
-        more = generation + 1 < params["generations"] and best < params["target_fitness"]
+        if generation + 1 >= params["generations"]:
+            reason = f"generation limit reached ({params['generations']} generations)"
+        elif best >= params["target_fitness"]:
+            reason = f"target fitness reached ({best:.4f} >= {params['target_fitness']})"
+        else:
+            reason = None
         context["outlet_events"][CAMPAIGN_RESULTS].add(
             Asset(
                 uri=f"s3://{params['bucket']}/enn/{params['campaign']}/",
@@ -274,28 +280,26 @@ def enn_generation():
             },
         )
         print(f"generation {generation}: best {best:.4f}, mean {summary['mean_fitness']}, plot {plot}")
+        print(f"stopping: {reason}" if reason else f"generation {generation + 1} follows")
         return {
             "summary": summary,
             "plot": plot,
-            "continue": more,
+            "continue": reason is None,
+            "reason": reason,
             "next_conf": {**params, "generation": generation + 1},
             "next_run_id": f"{params['campaign']}-gen-{generation + 1:03d}",
         }
 
-    @task.short_circuit
-    def another_generation(decision: dict[str, Any]) -> bool:
-        return decision["continue"]
-
-    decision = select(collect.output, train_queue.output)
-    next_generation = TriggerDagRunOperator(
+    decision = select(train.output, train_queue.output)
+    TriggerDagRunOperator(
         task_id="next_generation",
         trigger_dag_id=DAG_ID,
         trigger_run_id=decision["next_run_id"],
         conf=decision["next_conf"],
         reset_dag_run=True,  # re-running generation g re-runs the generations that came from it
         wait_for_completion=False,
+        pre_execute=_skip_unless_continuing,  # the decision stays visible: skipped, with the reason
     )
-    another_generation(decision) >> next_generation
 
 
 enn_generation()

@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 import webbrowser
+from datetime import datetime
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -176,6 +177,7 @@ def run_campaign(
     )
     s3 = services.endpoints.s3_client()
     summaries: list[dict[str, Any]] = []
+    previous_end: datetime | None = None
     for generation in range(args.generations):
         run_id = _run_id(campaign, generation)
         tasks = _follow_run(airflow, run_id, generation, args)
@@ -185,11 +187,16 @@ def run_campaign(
                 f"{run_id} succeeded but wrote no summary; see the select task's log: "
                 f"{_log_of(airflow, tasks, 'select')}"
             )
+        run = _dag_run(airflow, run_id) or {}
+        summary["overhead_seconds"] = orchestration_overhead(run, tasks, previous_end)
+        previous_end = _when(run.get("end_date"))
         summaries.append(summary)
+        overhead = summary["overhead_seconds"]
         say(
             f"generation {generation} done: best {_fitness(summary['best_fitness'])}, "
             f"mean {_fitness(summary['mean_fitness'])}, {summary['experiments']} experiments, "
             f"{summary['failures']} failed, {summary['wall_seconds'] or 0:.0f} s"
+            + (f", {overhead:.0f} s orchestration overhead" if overhead is not None else "")
         )
         if summary["best_fitness"] is None:
             raise CampaignFailed(
@@ -236,6 +243,29 @@ def _follow_run(
         time.sleep(POLL_SECONDS)
 
 
+def orchestration_overhead(
+    run: dict[str, Any], tasks: list[dict[str, Any]], previous_end: datetime | None
+) -> float | None:
+    """Seconds of a generation that were not training: from the previous generation's DAG run end
+    (this run's own start for the first generation) to this run's end, less the span of its
+    training (the first ``train`` task's start to the last one's end). It holds the trigger of
+    this run, ``breed``, every hop to and from ``train``, ``select`` and ``next_generation``;
+    None when Airflow did not report the times."""
+    end = _when(run.get("end_date"))
+    begin = previous_end or _when(run.get("start_date"))
+    train = [ti for ti in tasks if ti["task_id"] == "train"]
+    starts = [_when(ti.get("start_date")) for ti in train]
+    ends = [_when(ti.get("end_date")) for ti in train]
+    if end is None or begin is None or not train or None in starts or None in ends:
+        return None
+    span = (max(ends) - min(starts)).total_seconds()  # type: ignore[type-var]
+    return round((end - begin).total_seconds() - span, 1)
+
+
+def _when(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
+
+
 def _dag_run(airflow: LocalAirflow, run_id: str) -> dict[str, Any] | None:
     try:
         return airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}")
@@ -253,7 +283,7 @@ def _progress(state: str, tasks: list[dict[str, Any]], population: int) -> str:
     train = [ti["state"] for ti in tasks if ti["task_id"] == "train" and ti.get("map_index", -1) >= 0]
     if states.get("breed") != "success":
         return "breeding the population"
-    if states.get("collect") not in ("success", "failed", "upstream_failed"):
+    if states.get("select") not in ("running", "success", "failed", "upstream_failed"):
         finished = sum(s in ("success", "failed", "skipped") for s in train)
         running = sum(s == "running" for s in train)
         return f"training {finished}/{len(train) or population} experiments done, {running} running"
@@ -308,12 +338,19 @@ def _report(
     print()
     print(
         f"{'generation':>10} {'best':>8} {'mean':>8} {'worst':>8} {'experiments':>12} {'failed':>7} {'wall':>8}"
+        f" {'overhead':>9}"
     )
     for s in summaries:
+        overhead = s.get("overhead_seconds")
         print(
             f"{s['generation']:>10} {_fitness(s['best_fitness']):>8} {_fitness(s['mean_fitness']):>8} "
             f"{_fitness(s['worst_fitness']):>8} {s['experiments']:>12} {s['failures']:>7} {s['wall_seconds'] or 0:>7.0f}s"
+            f" {'-' if overhead is None else f'{overhead:.1f}s':>9}"
         )
+    print(
+        "overhead: the generation's time from the previous generation's end (its own start for the "
+        "first) to its end, less its training span (first train start to last train end)"
+    )
     first, last = summaries[0]["best_fitness"], summaries[-1]["best_fitness"]
     change = "improved" if last > first else "did not improve"
     print(

@@ -42,6 +42,7 @@ from airflow_provider_studio.operators.runner_pod import (
     DEFAULT_CREDENTIALS_SECRET,
     DEFAULT_REQUEST_SIGNERS_SECRET,
     DEFAULT_RUNNER_KEY_SECRET,
+    ENV_CACHE_PREFIX,
     RUNNER_GID,
     StudioRunnerPodOperator,
     message_key_arguments,
@@ -155,7 +156,7 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
 
     The remaining arguments (``execution_mode``, ``runner_image``, ``runner_options`` such as
     ``["--installer", "uv"]``, ``gpu_node_selector``, ``gpu_tolerations``, ``shm_size``,
-    ``local_kill_grace_period``) are
+    ``local_kill_grace_period``, ``env_cache_uri``, ``env_cache_volume``) are
     :class:`~airflow_provider_studio.operators.runner_pod.StudioRunnerPodOperator`'s.
 
     Mapped experiments read best with ``map_index_template``; the operator puts the key in the
@@ -477,6 +478,12 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
                 f"({MAX_POD_REQUEST_BYTES}); shorten pythonenv, env or args"
             )
         return {"REQUEST_JSON": self._request_json}
+
+    def default_env_cache_uri(self) -> str | None:
+        """``studio-env-cache/`` in the results bucket, on the store the request names."""
+        if self._s3_endpoint is None or not self.results_bucket:
+            return super().default_env_cache_uri()
+        return self._s3_endpoint.qualified(self.results_bucket, ENV_CACHE_PREFIX)
 
     def pod_annotations(self) -> dict[str, str]:
         return {"studioml/experiment-key": self.experiment_key} if self.experiment_key else {}

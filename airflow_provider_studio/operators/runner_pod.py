@@ -11,6 +11,9 @@ runner command to start, with which options, and how to conclude from its typed 
 - the pod's shape for the runner image: GPU limit, node selector and toleration from
   ``resources_needed``, a memory-backed ``/dev/shm``, a work ``emptyDir``, AWS keys only as
   ``secretKeyRef``, and the runner's result file read back through KPO's xcom sidecar;
+- the shared environment cache (``--env-cache-uri``, on by default): a pod's ``/work`` starts
+  empty, so without it every pod installs its request's whole ``pythonenv`` again; an optional
+  node-local volume (``--env-cache-dir``) is consulted first;
 - the local child process (:mod:`airflow_provider_studio.operators.local_runner`): its
   environment with the connection's keys and nothing of Airflow's, and stopping it on kill.
 """
@@ -39,6 +42,7 @@ from airflow.sdk.exceptions import (
 )
 from kubernetes.client import models as k8s
 from studio_runner.request import Resources
+from studio_runner.s3_uris import parse_qualified_s3_uri
 from studio_runner.summary import RunSummary, ServeSummary
 from studio_runner.units import parse_size
 
@@ -86,6 +90,17 @@ DEFAULT_CREDENTIALS_SECRET_KEYS: Mapping[str, str] = {
 }
 """Pod environment variable → key in the Secret."""
 USAGE_EXIT_CODE = 2
+"""``studio-runner`` refused its options or configuration; the same task cannot do better."""
+ENV_CACHE_PREFIX = "studio-env-cache"
+"""Where packed virtualenvs go in the results bucket when nothing else is configured."""
+ENV_CACHE_OFF = "off"
+"""``env_cache_uri`` / ``[studio] env_cache_uri`` value that turns the shared cache off."""
+ENV_CACHE_MOUNT = "/env-cache"
+"""The node-local cache volume's mount, as in deploy/ (``ENV_CACHE_DIR``)."""
+ENV_CACHE_VOLUME = "studio-env-cache"
+ENV_CACHE_RUNNER_ENV = frozenset({"ENV_CACHE_URI", "ENV_CACHE_DIR"})
+"""Runner options read from the environment that the operator decides: a worker's stray values
+must not turn the cache on (or point it elsewhere) for a local runner."""
 """``studio-runner`` refused its options or configuration; the same task cannot do better."""
 
 
@@ -135,6 +150,15 @@ class StudioRunnerPodOperator(KubernetesPodOperator):
     :param aws_credentials_secret_keys: pod variable → key in that Secret.
     :param shm_size: size limit of the memory-backed ``/dev/shm`` (e.g. ``"8Gi"``); default none.
     :param local_kill_grace_period: local mode: seconds between SIGTERM and SIGKILL on kill.
+    :param env_cache_uri: where runners share packed virtualenvs, ``s3://host[:port]/bucket/prefix``
+        (``--env-cache-uri``); default ``[studio] env_cache_uri``, else the subcommand's default
+        (:meth:`default_env_cache_uri`: ``studio-env-cache/`` in the results bucket); ``"off"``
+        turns the cache off. The runner uses its own S3 keys for it, in both modes.
+    :param env_cache_volume: a node-local cache of packs, consulted before object storage and
+        mounted at ``/env-cache`` (``--env-cache-dir``): an absolute path is a ``hostPath``
+        (writable by GID 10001, refused under Pod Security ``restricted``), anything else a
+        PersistentVolumeClaim's name; default ``[studio] env_cache_volume``, else none.
+        Kubernetes mode only: a local runner keeps its environments in its cache folder anyway.
     """
 
     template_fields: Sequence[str] = (*KubernetesPodOperator.template_fields, "resources_needed")
@@ -160,6 +184,8 @@ class StudioRunnerPodOperator(KubernetesPodOperator):
         aws_credentials_secret_keys: Mapping[str, str] | None = None,
         shm_size: str | None = None,
         local_kill_grace_period: float = 60.0,
+        env_cache_uri: str | None = None,
+        env_cache_volume: str | None = None,
         **kwargs: Any,
     ) -> None:
         if execution_mode is not None and execution_mode not in EXECUTION_MODES:
@@ -172,6 +198,8 @@ class StudioRunnerPodOperator(KubernetesPodOperator):
         self.gpu_tolerations = gpu_tolerations
         self.shm_size = shm_size
         self.local_kill_grace_period = local_kill_grace_period
+        self.env_cache_uri = env_cache_uri
+        self.env_cache_volume = env_cache_volume
         # Pod shape that depends on (possibly templated) values is filled in when the pod is
         # built, after rendering; what the caller gave explicitly is left alone.
         self._derived_pod_fields = frozenset(
@@ -215,6 +243,23 @@ class StudioRunnerPodOperator(KubernetesPodOperator):
 
     def pod_annotations(self) -> dict[str, str]:
         return {}
+
+    def default_env_cache_uri(self) -> str | None:
+        """The shared environment cache when neither the argument nor ``[studio] env_cache_uri``
+        names one: ``studio-env-cache/`` in the AWS connection's ``service_config.s3.bucket_name``
+        bucket, addressed as the runner does; None (off) when the connection names no bucket."""
+        try:
+            from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+            from airflow_provider_studio.experiment_request import S3Endpoint
+
+            hook = S3Hook(aws_conn_id=self.aws_conn_id)
+            bucket = hook.service_config.get("bucket_name")
+            endpoint = S3Endpoint.from_hook(hook) if bucket else None
+        except Exception as error:  # no connection, or one that cannot say where S3 is
+            self.log.info("no shared environment cache: AWS connection %s: %s", self.aws_conn_id, error)
+            return None
+        return endpoint.qualified(bucket, ENV_CACHE_PREFIX) if endpoint is not None else None
 
     @contextlib.contextmanager
     def local_inputs(self, env: dict[str, str]) -> Iterator[bytes | None]:
@@ -313,6 +358,7 @@ class StudioRunnerPodOperator(KubernetesPodOperator):
         """The pod's ``studio-runner`` arguments when the caller gave none, built after rendering."""
         return pod_arguments(
             self.runner_subcommand,
+            *self.env_cache_options(kubernetes=True),
             *self.subcommand_options(kubernetes=True),
             *self.runner_options,
             result_file=XCOM_RESULT_FILE if self.do_xcom_push else None,
@@ -341,6 +387,67 @@ class StudioRunnerPodOperator(KubernetesPodOperator):
         env += [k8s.V1EnvVar(name=name, value=value) for name, value in wanted.items() if name not in names]
         self.env_vars = env
         self.annotations = {**(self.annotations or {}), **self.pod_annotations()}
+        volume = self._env_cache_volume()
+        if volume is not None:
+            self._mount_env_cache(volume)
+
+    # --- the shared environment cache --------------------------------------------------------
+
+    def resolved_env_cache_uri(self) -> str | None:
+        """The ``--env-cache-uri`` the runner gets (argument, then config, then the default);
+        None when turned off. A URI the runner would refuse fails the task without retries."""
+        value = self.env_cache_uri
+        if value is None:
+            value = conf.get("studio", "env_cache_uri", fallback="") or ""
+        value = value.strip()
+        if value.lower() == ENV_CACHE_OFF:
+            return None
+        if not value:
+            return self.default_env_cache_uri()
+        try:
+            bucket = parse_qualified_s3_uri(value)[2]
+        except ValueError as error:
+            raise AirflowFailException(f"env_cache_uri: {error}") from None
+        if not bucket:
+            raise AirflowFailException(
+                f"env_cache_uri {value!r} names no bucket: give s3://host[:port]/bucket/prefix, "
+                f"or {ENV_CACHE_OFF!r} to turn the shared environment cache off"
+            )
+        return value
+
+    def env_cache_options(self, *, kubernetes: bool) -> list[str]:
+        """``--env-cache-uri`` (both modes) and, in a pod with a cache volume, ``--env-cache-dir``."""
+        options = []
+        uri = self.resolved_env_cache_uri()
+        if uri:
+            options += ["--env-cache-uri", uri]
+        if kubernetes and self._env_cache_volume() is not None:
+            options += ["--env-cache-dir", ENV_CACHE_MOUNT]
+        if options:
+            self.log.info(
+                "virtualenvs shared through %s%s (env_cache_uri=%r turns this off)",
+                f"{ENV_CACHE_MOUNT} then " if "--env-cache-dir" in options else "",
+                uri or "the node-local volume only",
+                ENV_CACHE_OFF,
+            )
+        return options
+
+    def _env_cache_volume(self) -> k8s.V1Volume | None:
+        value = self.env_cache_volume
+        if value is None:
+            value = conf.get("studio", "env_cache_volume", fallback="") or ""
+        return env_cache_volume(value)
+
+    def _mount_env_cache(self, volume: k8s.V1Volume) -> None:
+        """The node-local pack folder at ``/env-cache``, group-writable for the runner on a PVC."""
+        volumes = list(self.volumes or [])
+        if all(existing.name != volume.name for existing in volumes):
+            self.volumes = [*volumes, volume]
+        mounts = list(self.volume_mounts or [])
+        if all(mount.name != volume.name for mount in mounts):
+            self.volume_mounts = [*mounts, k8s.V1VolumeMount(name=volume.name, mount_path=ENV_CACHE_MOUNT)]
+        if not self.security_context:
+            self.security_context = k8s.V1PodSecurityContext(fs_group=RUNNER_GID)
 
     def _resources(self) -> Resources:
         try:
@@ -357,6 +464,7 @@ class StudioRunnerPodOperator(KubernetesPodOperator):
             command = local_command(
                 self.runner_subcommand,
                 result_file,
+                *self.env_cache_options(kubernetes=False),
                 *self.subcommand_options(kubernetes=False),
                 *self.runner_options,
             )
@@ -391,7 +499,7 @@ class StudioRunnerPodOperator(KubernetesPodOperator):
     def _local_runner_environment(self, region: str | None) -> dict[str, str]:
         """The worker's environment less Airflow's settings, plus the connection's keys: the
         only place a local runner's credentials appear."""
-        env = worker_environment(self.local_reserved_env)
+        env = worker_environment(self.local_reserved_env | ENV_CACHE_RUNNER_ENV)
         keys = self._connection_keys()
         if keys is not None:
             for name in CREDENTIAL_NAMES:
@@ -491,6 +599,18 @@ def runner_volume_mounts() -> list[k8s.V1VolumeMount]:
         k8s.V1VolumeMount(name=WORK_VOLUME, mount_path=WORK_MOUNT),
         k8s.V1VolumeMount(name=TMP_VOLUME, mount_path="/tmp"),
     ]
+
+
+def env_cache_volume(value: str) -> k8s.V1Volume | None:
+    """The node-local environment cache: an absolute path is a ``hostPath``, a name a PVC."""
+    value = value.strip()
+    if not value:
+        return None
+    if value.startswith("/"):
+        source = k8s.V1HostPathVolumeSource(path=value, type="DirectoryOrCreate")
+        return k8s.V1Volume(name=ENV_CACHE_VOLUME, host_path=source)
+    claim = k8s.V1PersistentVolumeClaimVolumeSource(claim_name=value)
+    return k8s.V1Volume(name=ENV_CACHE_VOLUME, persistent_volume_claim=claim)
 
 
 def runner_security_context() -> k8s.V1SecurityContext:

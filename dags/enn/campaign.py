@@ -4,7 +4,7 @@ Keeping it in the bucket (not in XCom or the DAG run) is what lets any generatio
 re-run from the Airflow UI: a run reads generation ``g - 1`` from S3 and writes generation ``g``.
 
     enn/<campaign>/generation-003/population.json   the genomes that were trained
-    enn/<campaign>/generation-003/table.jsonl       one row per experiment (MetadataScrapeOperator)
+    enn/<campaign>/generation-003/table.jsonl       one row per experiment (their scrape documents)
     enn/<campaign>/generation-003/summary.json      best / mean fitness, failures, wall time
     enn/<campaign>/fitness.png                      best and mean fitness by generation
 """
@@ -23,6 +23,7 @@ from .evolution import Scored
 from .genome import Genome
 
 FITNESS_FIELD = "experiment.fitness"
+TABLE_FIELDS = (FITNESS_FIELD, "experiment.genome_id", "experiment.train_seconds")
 
 
 def experiment_key(campaign: str, generation: int, genome: Genome) -> str:
@@ -68,6 +69,26 @@ class Campaign:
             fitness = row.get(FITNESS_FIELD) if row.get("status") == "succeeded" else None
             scored.append((genome, float(fitness) if isinstance(fitness, (int, float)) else None))
         return scored
+
+    def collect(self, generation: int, experiments: Any) -> list[dict[str, Any]]:
+        """The generation's table from its experiments' scrape documents, saved beside it.
+
+        ``experiments`` are the train tasks' runner summaries, whose scrape documents are read
+        directly (no listing). The select task does this itself: a separate collect task cost
+        the generation a task hop (process start and DAG parse) for a second of S3 reads. A
+        missing or unreadable document is a row with an ``error``, as a failed genome scores nothing.
+        """
+        from airflow_provider_studio.scrape_collection import ScrapeCollector, scrape_client, wanted_from
+
+        wanted = wanted_from(experiments)
+        with ScrapeCollector(scrape_client(self.hook), fields=TABLE_FIELDS) as collector:
+            table = collector.collect(wanted, bucket=self.bucket) if wanted else None
+        rows = table.rows if table is not None else []
+        text = "".join(json.dumps(row, default=str) + "\n" for row in rows)
+        self.hook.load_string(
+            text, key=f"{self.prefix(generation)}table.jsonl", bucket_name=self.bucket, replace=True
+        )
+        return rows
 
     def table(self, generation: int) -> list[dict[str, Any]]:
         text = self.hook.read_key(f"{self.prefix(generation)}table.jsonl", bucket_name=self.bucket)

@@ -231,6 +231,8 @@ def unpack(
     written = 0
     entries = 0
     directories: list[tuple[str, tarfile.TarInfo]] = []
+    made: set[str] = {root}
+    """Folders known to exist: a file's parent is made once, not asked for again per file."""
     try:
         with tarfile.open(
             fileobj=io.BufferedReader(metered, buffer_size=_CHUNK), mode="r|", bufsize=_CHUNK
@@ -244,6 +246,7 @@ def unpack(
                 path = os.path.join(root, safe.name)
                 if safe.isdir():
                     _make_directory(path, safe.name)
+                    made.add(path)
                     directories.append((path, safe))
                 elif safe.isreg():
                     if written + safe.size > budget:
@@ -254,6 +257,10 @@ def unpack(
                     reader = archive.extractfile(member)
                     if reader is None:  # pragma: no cover - isreg() members always have data
                         raise ArchiveError(f"archive entry {member.name!r} has no data")
+                    parent = os.path.dirname(path)
+                    if parent not in made:
+                        os.makedirs(parent, exist_ok=True)
+                        made.add(parent)
                     written += _write_file(reader, path, safe, budget - written, charge)
                 elif safe.issym():
                     _replace(path)
@@ -299,9 +306,9 @@ def _make_directory(path: str, name: str) -> None:
 def _write_file(
     reader: BinaryIO, path: str, member: tarfile.TarInfo, allowed: int, charge: Callable[[int], None] | None
 ) -> int:
-    """Copy one entry, counting every chunk; the header's size alone is not trusted."""
+    """Copy one entry (its folder exists), counting every chunk; the header's size alone is
+    not trusted. Mode and times are set through the open file: no second path lookup."""
     _replace(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     count = 0
     try:
@@ -316,9 +323,11 @@ def _write_file(
                 if charge is not None:
                     charge(len(chunk))
                 out.write(chunk)
-        if member.mode is not None:
-            os.chmod(path, member.mode)
-        _set_times(path, member)
+            out.flush()
+            if member.mode is not None:
+                os.fchmod(descriptor, member.mode)
+            with contextlib.suppress(OSError, OverflowError, ValueError):
+                os.utime(descriptor, (member.mtime, member.mtime))
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(path)
@@ -345,9 +354,13 @@ def _hard_link(root: str, path: str, member: tarfile.TarInfo) -> None:
 
 def _replace(path: str) -> None:
     """Later entries replace earlier ones, as tar does; never write through an existing link."""
-    if os.path.islink(path) or os.path.isfile(path):
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return  # the usual case, in one system call
+    if stat.S_ISLNK(mode) or stat.S_ISREG(mode):
         os.unlink(path)
-    elif os.path.isdir(path):
+    elif stat.S_ISDIR(mode):
         raise ArchiveError(f"archive entry {path!r} replaces a folder with a file or link")
 
 
@@ -384,8 +397,9 @@ def pack(
                 if info is None:  # sockets and the like
                     log.warning("not archiving %s: not a file, folder or link", path)
                     continue
-                if mtime is not None:
-                    info.mtime = mtime
+                # whole seconds (as GNU tar writes): a fractional mtime costs every entry a
+                # pax header, which doubles the headers an unpacker parses
+                info.mtime = mtime if mtime is not None else int(info.mtime)
                 if info.isreg():
                     with open(path, "rb") as data:
                         archive.addfile(info, data)
