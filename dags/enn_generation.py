@@ -109,6 +109,16 @@ RESOURCES = {
     "gpus": "{{ 1 if params.gpus_per_experiment else 0 }}",
 }
 """Each experiment's StudioML ``resources_needed``; the pod's ``nvidia.com/gpu`` is ``gpuCount``."""
+EXPERIMENT = {
+    "script": "train_genome.py",
+    "workspace": str(WORKLOAD),
+    "results_bucket": "{{ params.bucket }}",
+    "aws_conn_id": AWS_CONN_ID,
+    "project": "enn-{{ params.campaign }}",
+    "resources_needed": RESOURCES,
+    "max_duration": "20m",
+}
+"""What every genome's experiment shares, in either mode (mapped ``train`` or queued ``train_queue``)."""
 
 
 def _skip_unless_continuing(context: Any) -> None:
@@ -182,13 +192,7 @@ def enn_generation():
 
     train = StudioExperimentOperator.partial(
         task_id="train",
-        script="train_genome.py",
-        workspace=str(WORKLOAD),
-        results_bucket="{{ params.bucket }}",
-        aws_conn_id=AWS_CONN_ID,
-        project="enn-{{ params.campaign }}",
-        resources_needed=RESOURCES,
-        max_duration="20m",
+        **EXPERIMENT,
         fail_on_experiment_error=False,  # a genome that fails scores nothing; the generation goes on
         cache=True,  # clearing a generation re-runs only the genomes without a succeeded result
         map_index_template="{{ task.experiment_key }}",
@@ -200,13 +204,7 @@ def enn_generation():
         task_id="train_queue",
         experiments=genomes,
         queue_name=QUEUE,
-        results_bucket="{{ params.bucket }}",
-        script="train_genome.py",
-        workspace=str(WORKLOAD),
-        project="enn-{{ params.campaign }}",
-        resources_needed=RESOURCES,
-        max_duration="20m",
-        aws_conn_id=AWS_CONN_ID,
+        **EXPERIMENT,
         rabbitmq_conn_id=RABBITMQ_CONN_ID,
         min_success_ratio="{{ params.min_success_ratio }}",
         poll_interval=5.0,

@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from studio_runner.lease import process_start_time
+
 from . import system
 
 REPO = Path(__file__).resolve().parent.parent
@@ -139,10 +141,10 @@ class Server:
 
     @classmethod
     def of(cls, name: str, pid: int) -> Server:
-        return cls(name=name, pid=pid, started=_start_time(pid) or 0)
+        return cls(name=name, pid=pid, started=process_start_time(pid) or 0)
 
     def alive(self) -> bool:
-        return self.started != 0 and _start_time(self.pid) == self.started
+        return self.started != 0 and process_start_time(self.pid) == self.started
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM the server's process group, then SIGKILL whatever is left."""
@@ -463,16 +465,6 @@ def port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _start_time(pid: int) -> int | None:
-    """Clock ticks after boot at which ``pid`` started; None if it is gone or a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
 def _reap(pid: int) -> None:

@@ -69,7 +69,7 @@ class LeaseRecord:
         if now - self.renewed > self.period * STALE_AFTER_PERIODS:
             return False
         if self.holder == socket.gethostname() and self.pid_namespace == _pid_namespace():
-            return _process_started(self.pid) == self.process_started  # a dead holder is known at once
+            return process_start_time(self.pid) == self.process_started  # a dead holder is known at once
         return True
 
     def describe(self) -> str:
@@ -122,7 +122,7 @@ class LeaseKeeper:
             accession=accession,
             pid=os.getpid(),
             pid_namespace=_pid_namespace(),
-            process_started=_process_started(os.getpid()),
+            process_started=process_start_time(os.getpid()),
             renewed=time.time(),
             period=period,
         )
@@ -190,7 +190,9 @@ def _pid_namespace() -> str:
         return ""
 
 
-def _process_started(pid: int) -> int | None:
+def process_start_time(pid: int) -> int | None:
+    """Clock ticks after boot at which ``pid`` started (tells a live holder from a reused pid);
+    None if it is gone or a zombie."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.provider.task_context import seaweed_conn_json
+
 DAG_FOLDER = Path(__file__).resolve().parent / "memo_dag"
 DAG_ID = "memo_generation"
 
@@ -31,17 +33,11 @@ print(f"generation run {run.run_id} state={run.state}")
 
 def airflow_env(services: Any) -> dict[str, str]:
     """This process's Airflow settings with the memo DAG folder, local runners and ``services``' S3."""
-    aws = {
-        "conn_type": "aws",
-        "login": services.s3_access_key,
-        "password": services.s3_secret_key,
-        "extra": {"endpoint_url": services.s3_endpoint, "region_name": services.region},
-    }
     return {
         **os.environ,
         "AIRFLOW__CORE__DAGS_FOLDER": str(DAG_FOLDER),
         "AIRFLOW__STUDIO__EXECUTION_MODE": "local",
-        "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(aws),
+        "AIRFLOW_CONN_AWS_DEFAULT": seaweed_conn_json(services),
     }
 
 

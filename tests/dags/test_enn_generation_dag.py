@@ -14,6 +14,7 @@ import uuid
 
 import pytest
 
+from tests.provider.task_context import seaweed_conn_json
 from tests.runner.results import scrape_documents
 
 DAG_ID = "enn_generation"
@@ -22,16 +23,10 @@ POPULATION = 4
 
 @pytest.fixture
 def airflow_env(services, airflow_db) -> dict[str, str]:
-    aws = {
-        "conn_type": "aws",
-        "login": services.s3_access_key,
-        "password": services.s3_secret_key,
-        "extra": {"endpoint_url": services.s3_endpoint, "region_name": services.region},
-    }
     return {
         **os.environ,
         "AIRFLOW__STUDIO__EXECUTION_MODE": "local",
-        "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(aws),
+        "AIRFLOW_CONN_AWS_DEFAULT": seaweed_conn_json(services),
     }
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from airflow.dag_processing.dagbag import DagBag
 
+from tests.provider.task_context import seaweed_conn_json
 from tests.runner.results import scrape_documents
 
 DAG_ID = "enn_generation"
@@ -26,12 +27,6 @@ POPULATION = 4
 
 @pytest.fixture
 def airflow_env(services, airflow_db) -> dict[str, str]:
-    aws = {
-        "conn_type": "aws",
-        "login": services.s3_access_key,
-        "password": services.s3_secret_key,
-        "extra": {"endpoint_url": services.s3_endpoint, "region_name": services.region},
-    }
     rabbitmq = {
         "conn_type": "studio_rabbitmq",
         "host": "127.0.0.1",
@@ -44,7 +39,7 @@ def airflow_env(services, airflow_db) -> dict[str, str]:
     return {
         **os.environ,
         "AIRFLOW__STUDIO__EXECUTION_MODE": "local",
-        "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(aws),
+        "AIRFLOW_CONN_AWS_DEFAULT": seaweed_conn_json(services),
         "AIRFLOW_CONN_STUDIO_RABBITMQ_DEFAULT": json.dumps(rabbitmq),
     }
 
