@@ -46,6 +46,11 @@ bench: setup
 	@$(BIN)/python bench/runner_overhead.py
 	@$(BIN)/python bench/scrape_collect.py
 	@$(BIN)/python bench/faults.py
+	@$(BIN)/python bench/pickup_latency.py
+	@$(BIN)/python bench/pod_cold_start.py
+	@$(BIN)/python bench/scrape_throughput.py
+	@$(BIN)/python bench/memo_rerun.py
+	@$(BIN)/python bench/generation_scale.py
 
 image: setup
 	@$(BIN)/python -m devtools.image build
