@@ -4,10 +4,15 @@ Airflow AWS connection."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
+import boto3
+import pytest
 from airflow.sdk import BaseOperator
+from moto import mock_aws
 
 from tests import task_context
 
@@ -39,3 +44,25 @@ class RecordingTI:
 
     def xcom_push(self, key: str, value: Any) -> None:
         self.xcoms[key] = value
+
+
+@contextlib.contextmanager
+def moto_s3_connection(
+    monkeypatch: pytest.MonkeyPatch, conn_id: str, *, login: str, password: str
+) -> Iterator[str]:
+    """AWS S3 (moto, eu-west-1) behind Airflow connection ``conn_id``, with none of this process's
+    own AWS credentials in the way; yields the results bucket."""
+    monkeypatch.setenv(
+        f"AIRFLOW_CONN_{conn_id.upper()}",
+        json.dumps(
+            {"conn_type": "aws", "login": login, "password": password, "extra": {"region_name": "eu-west-1"}}
+        ),
+    )
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    with mock_aws():
+        bucket = "studio-results-eu"
+        boto3.client("s3", region_name="eu-west-1").create_bucket(
+            Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"}
+        )
+        yield bucket

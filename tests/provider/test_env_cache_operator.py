@@ -13,18 +13,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import kubernetes_validate
 import pendulum
 import pytest
 from airflow.sdk import DAG
 from airflow.sdk.exceptions import AirflowFailException
 from kubernetes.client import ApiClient
-from moto import mock_aws
 
 from airflow_provider_studio.operators.experiment import StudioExperimentOperator
 from airflow_provider_studio.operators.queue_runner import StudioQueueRunnerOperator
-from tests.provider.task_context import RecordingTI, runtime_context, seaweed_conn_json
+from tests.provider.task_context import RecordingTI, moto_s3_connection, runtime_context, seaweed_conn_json
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -58,24 +56,7 @@ def workspace(tmp_path: Path) -> Path:
 @pytest.fixture
 def aws_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """AWS S3 (moto) behind a connection; yields the results bucket."""
-    monkeypatch.setenv(
-        f"AIRFLOW_CONN_{S3_CONN.upper()}",
-        json.dumps(
-            {
-                "conn_type": "aws",
-                "login": "AKIAFAKE",
-                "password": "FAKE",
-                "extra": {"region_name": "eu-west-1"},
-            }
-        ),
-    )
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    with mock_aws():
-        bucket = "studio-results-eu"
-        boto3.client("s3", region_name="eu-west-1").create_bucket(
-            Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"}
-        )
+    with moto_s3_connection(monkeypatch, S3_CONN, login="AKIAFAKE", password="FAKE") as bucket:
         yield bucket
 
 

@@ -20,7 +20,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import boto3
 import kubernetes_validate
 import pendulum
 import pytest
@@ -29,7 +28,6 @@ from airflow.sdk import DAG
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred
 from kubernetes.client import ApiClient
 from kubernetes.client import models as k8s
-from moto import mock_aws
 from studio_runner.request import decode_request
 
 from airflow_provider_studio.experiment_request import default_experiment_key
@@ -40,7 +38,7 @@ from airflow_provider_studio.operators.experiment import (
     StudioRequestRefused,
 )
 from airflow_provider_studio.operators.runner_pod import kubernetes_quantity
-from tests.provider.task_context import RecordingTI, runtime_context, seaweed_conn_json
+from tests.provider.task_context import RecordingTI, moto_s3_connection, runtime_context, seaweed_conn_json
 from tests.runner.results import final_document, tar_members
 
 S3_CONN = "studio_experiment_s3"
@@ -88,24 +86,7 @@ def seaweed_conn(services, monkeypatch: pytest.MonkeyPatch) -> str:
 @pytest.fixture
 def aws_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """AWS S3 (moto) behind a connection with recognisable fake keys; yields the bucket."""
-    monkeypatch.setenv(
-        f"AIRFLOW_CONN_{S3_CONN.upper()}",
-        json.dumps(
-            {
-                "conn_type": "aws",
-                "login": FAKE_KEY_ID,
-                "password": FAKE_SECRET,
-                "extra": {"region_name": "eu-west-1"},
-            }
-        ),
-    )
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    with mock_aws():
-        bucket = "studio-results-eu"
-        boto3.client("s3", region_name="eu-west-1").create_bucket(
-            Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"}
-        )
+    with moto_s3_connection(monkeypatch, S3_CONN, login=FAKE_KEY_ID, password=FAKE_SECRET) as bucket:
         yield bucket
 
 

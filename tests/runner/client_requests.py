@@ -116,3 +116,20 @@ def queued_request(key: str, **resources: object) -> bytes:
         },
     }
     return json.dumps(body).encode()
+
+
+def script_request(
+    services: Endpoints, s3, bucket: str, key: str, script: str, *args: str, retval: bool = False
+) -> dict[str, Any]:
+    """A client request running ``script`` as ``train.py``; ``retval`` adds the mutable ``retval``
+    artifact that CompletionService clients read their answer from."""
+    blob = workspace_tar({"train.py": script.encode()})
+    request = client_request(services, bucket, key, upload_blob(s3, bucket, blob), args=args)
+    if retval:
+        host = services.s3_endpoint.split("://", 1)[1]
+        request["experiment"]["artifacts"]["retval"] = {
+            **request["experiment"]["artifacts"]["output"],
+            "key": f"experiments/{key}/retval.tar",
+            "qualified": f"s3://{host}/{bucket}/experiments/{key}/retval.tar",
+        }
+    return request

@@ -27,7 +27,7 @@ from studio_runner.service import RunnerState
 
 from tests.broker import dead_letters, publish_like_client, queue_depth, unique_queue
 from tests.polling import wait_for
-from tests.runner.client_requests import client_request, upload_blob, workspace_tar
+from tests.runner.client_requests import script_request
 from tests.runner.results import final_document, scrape_documents, tar_members
 
 pytestmark = pytest.mark.timeout(300)
@@ -110,15 +110,7 @@ def runner_options(queue: str, port: int, *more: str) -> tuple[str, ...]:
 def publish_script(
     services, s3_client, bucket: str, queue: str, key: str, script: str, *args: str, retval: bool = False
 ) -> None:
-    blob = workspace_tar({"train.py": script.encode()})
-    request = client_request(services, bucket, key, upload_blob(s3_client, bucket, blob), args=args)
-    if retval:
-        host = services.s3_endpoint.split("://", 1)[1]
-        request["experiment"]["artifacts"]["retval"] = {
-            **request["experiment"]["artifacts"]["output"],
-            "key": f"experiments/{key}/retval.tar",
-            "qualified": f"s3://{host}/{bucket}/experiments/{key}/retval.tar",
-        }
+    request = script_request(services, s3_client, bucket, key, script, *args, retval=retval)
     publish_like_client(services.amqp_url, queue, [json.dumps(request).encode()])
 
 

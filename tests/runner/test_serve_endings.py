@@ -21,7 +21,7 @@ import pytest
 
 from tests.broker import dead_letters, publish_like_client, queue_depth, unique_queue
 from tests.polling import wait_for
-from tests.runner.client_requests import client_request, upload_blob, workspace_tar
+from tests.runner.client_requests import script_request
 from tests.runner.results import final_document, scrape_documents
 
 pytestmark = pytest.mark.timeout(300)
@@ -46,21 +46,6 @@ time.sleep(float(sys.argv[2]))
 @pytest.fixture
 def queue() -> str:
     return unique_queue("rmq_endings")
-
-
-def request_for(
-    services, s3_client, bucket: str, key: str, script: str, *args: str, retval: bool = False
-) -> dict[str, Any]:
-    blob = workspace_tar({"train.py": script.encode()})
-    request = client_request(services, bucket, key, upload_blob(s3_client, bucket, blob), args=args)
-    if retval:
-        host = services.s3_endpoint.split("://", 1)[1]
-        request["experiment"]["artifacts"]["retval"] = {
-            **request["experiment"]["artifacts"]["output"],
-            "key": f"experiments/{key}/retval.tar",
-            "qualified": f"s3://{host}/{bucket}/experiments/{key}/retval.tar",
-        }
-    return request
 
 
 def publish(services, queue: str, request: dict[str, Any]) -> None:
@@ -90,7 +75,7 @@ def test_serve_with_limit_tasks_exits_only_after_the_retval_refresh(
     serve_runner, services, s3_client, bucket: str, queue: str
 ) -> None:
     key = f"retval_{queue}"
-    publish(services, queue, request_for(services, s3_client, bucket, key, WITH_RETVAL, retval=True))
+    publish(services, queue, script_request(services, s3_client, bucket, key, WITH_RETVAL, retval=True))
     runner = serve_runner("--queue-match", f"^{queue}$", "--limit-tasks", "1")
     assert runner.process.wait(timeout=180) == 0  # it exits by itself after one experiment
 
@@ -107,7 +92,7 @@ def test_serve_stopped_by_sigterm_still_sends_the_retval_refresh(
 ) -> None:
     key = f"retval_term_{queue}"
     runner = serve_runner("--queue-match", f"^{queue}$")
-    publish(services, queue, request_for(services, s3_client, bucket, key, WITH_RETVAL, retval=True))
+    publish(services, queue, script_request(services, s3_client, bucket, key, WITH_RETVAL, retval=True))
     wait_for(lambda: len(retval_uploads(runner)) >= 1, 180, "the first retval upload")
     runner.process.send_signal(signal.SIGTERM)  # before the refresh is due
     assert runner.process.wait(timeout=120) == 0
@@ -139,7 +124,7 @@ def test_a_request_whose_lifetime_passed_before_it_was_taken_is_dead_lettered_un
 ) -> None:
     key = f"stale_{queue}"
     marker = tmp_path / "ran"
-    request = request_for(services, s3_client, bucket, key, MARKS_ITS_RUN, str(marker), "0")
+    request = script_request(services, s3_client, bucket, key, MARKS_ITS_RUN, str(marker), "0")
     request["experiment"]["time_added"] = time.time() - 3600
     request["config"]["experimentLifetime"] = "30m"  # ran out half an hour ago
     publish(services, queue, request)
@@ -152,7 +137,7 @@ def test_a_request_whose_lifetime_passes_while_it_waits_in_the_queue_is_dead_let
 ) -> None:
     key = f"waited_{queue}"
     marker = tmp_path / "ran"
-    request = request_for(services, s3_client, bucket, key, MARKS_ITS_RUN, str(marker), "0")
+    request = script_request(services, s3_client, bucket, key, MARKS_ITS_RUN, str(marker), "0")
     added = time.time()
     request["experiment"]["time_added"] = added
     request["config"]["experimentLifetime"] = "2s"
@@ -167,7 +152,7 @@ def test_a_lifetime_that_runs_out_during_the_run_stops_it_and_dead_letters_it(
 ) -> None:
     key = f"outlived_{queue}"
     marker = tmp_path / "ran"
-    request = request_for(services, s3_client, bucket, key, MARKS_ITS_RUN, str(marker), "600")
+    request = script_request(services, s3_client, bucket, key, MARKS_ITS_RUN, str(marker), "600")
     request["experiment"]["time_added"] = time.time()
     request["config"]["experimentLifetime"] = "30s"
     publish(services, queue, request)
