@@ -14,6 +14,7 @@ first out; the object-storage prefix is bounded by a lifecycle rule (deploy/READ
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .archive import CONTENT_TYPES, ZSTD, ArchiveError, pack, unpack
+from .archive import CONTENT_TYPES, ZSTD, ArchiveError, gnu_tar, pack, unpack, unpack_with_gnu_tar
 from .request import ArtifactLocation
 from .s3_uris import parse_qualified_s3_uri
 from .storage import S3Store, Storage, StorageError
@@ -282,12 +283,26 @@ class EnvPackCache:
 
 
 def unpack_pack(path: Path, target: Path) -> None:
-    """Unpack a fetched pack into ``target`` with the archive module's guards; PackCorrupt if it fails."""
+    """Unpack a fetched, checksum-verified pack into ``target``; PackCorrupt if it fails.
+
+    GNU tar does the writing where the machine has it (the runner image does): restoring is
+    the whole of a fresh pod's wait, and it is 4x faster than ``tarfile`` for an environment's
+    thousands of small files. Elsewhere the archive module's own unpacker does it.
+    """
+    tar = _gnu_tar()
     try:
         with open(path, "rb") as source:
-            unpack(source, target, budget=_UNPACK_BUDGET)
+            if tar is not None:
+                unpack_with_gnu_tar(source, target, budget=_UNPACK_BUDGET, tar=tar)
+            else:
+                unpack(source, target, budget=_UNPACK_BUDGET)
     except ArchiveError as error:
         raise PackCorrupt(str(error)) from None
+
+
+@functools.cache
+def _gnu_tar() -> str | None:
+    return gnu_tar()
 
 
 class _Hashing:
