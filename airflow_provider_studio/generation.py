@@ -4,34 +4,120 @@ A generation published to a StudioML queue is finished when every experiment has
 state. The runner retries a failed attempt (``Disposition.RETRY``) until its attempts run out and
 then dead-letters the request to ``<queue>_rejected``, so a failed scrape document alone is not
 final: only a succeeded latest attempt or a dead letter is. Scrape documents are read by key
-with the one collector the provider has (:mod:`airflow_provider_studio.scrape_collection`).
+with the one collector the provider has (:mod:`airflow_provider_studio.scrape_collection`);
+a succeeded row becomes the summary the result index (``studio_runner.memo``) records.
 No Airflow here, so the benchmark and the trigger share it.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from botocore.exceptions import ClientError
 from studio_runner.outcome import Status
+from studio_runner.request import ArtifactLocation
+from studio_runner.s3_uris import parse_s3_uri
+from studio_runner.summary import RunSummary
 
+from airflow_provider_studio.experiment_request import results_prefix
 from airflow_provider_studio.scrape_collection import ScrapeCollector, Table, Wanted
 
 SUCCEEDED = Status.SUCCEEDED.value
 DEAD_LETTERED = "dead_lettered"
+QUEUED = "queued"
+"""A row's status while only earlier runs' attempts of its key exist."""
 
 
-def succeeded_keys(collector: ScrapeCollector, keys: Sequence[str], bucket: str) -> set[str]:
-    """The keys whose latest attempt succeeded: the one "already done?" question a re-run asks.
+@dataclass(frozen=True)
+class EarlierRuns:
+    """What earlier runs of a generation left under its keys: the keys whose latest attempt
+    succeeded, and how many attempts (scrape documents) every key with any has."""
 
-    One listing of the bucket's scrape documents answers it for every key at once (a lookup per
-    key would list the folder once per genome). At merge time this is the call to point at the
-    result index of the memoization work.
+    succeeded: frozenset[str]
+    attempts: Mapping[str, int]
+
+
+def earlier_runs(collector: ScrapeCollector, keys: Sequence[str], bucket: str) -> EarlierRuns:
+    """The "already done?" question a re-run asks by key, for every key at once.
+
+    One listing of the bucket's scrape documents answers it (a lookup per key would list the
+    folder once per genome). With the result index (``cache=True``) the index decides reuse;
+    the attempt counts still tell this run's attempts from earlier ones.
     """
     table = collector.collect([Wanted(key=key) for key in keys], bucket=bucket)
-    return {row["key"] for row in table.rows if row["error"] is None and row["status"] == SUCCEEDED}
+    succeeded = {row["key"] for row in table.rows if row["error"] is None and row["status"] == SUCCEEDED}
+    attempts = {row["key"]: int(row["attempts"]) for row in table.rows if row["attempts"]}
+    return EarlierRuns(succeeded=frozenset(succeeded), attempts=attempts)
+
+
+def discount_earlier_attempts(
+    rows: list[dict[str, Any]], attempts_before: Mapping[str, int] | None
+) -> list[dict[str, Any]]:
+    """Rows of re-published keys that have no attempt newer than the earlier runs' say so, in place.
+
+    A key published again (its fingerprint had no result, or it failed before) may still show an
+    earlier run's attempt, even a succeeded one whose inputs differed: it is not this run's
+    result, so it counts as waiting until a runner starts the key again. Counting attempts
+    rather than comparing start times needs no agreement between the runners' clocks and ours.
+    """
+    for row in rows:
+        before = (attempts_before or {}).get(row["key"])
+        if before and (row["attempts"] or 0) <= before:
+            row["status"] = QUEUED
+            row["error"] = (
+                f"queued again; its {before} attempt(s) so far belong to earlier runs of the generation"
+            )
+    return rows
+
+
+def recorded_summary(row: Mapping[str, Any], client: Any) -> RunSummary | None:
+    """A succeeded row as the summary the result index keeps; None for any other row.
+
+    Queue mode has no runner summary, so the scrape document stands for it. Its artifact list
+    names every result label, also empty ones the runner never uploaded, while a final
+    document in the bucket means the uploads are done (the runner sends it last): the results
+    kept are those under the experiment's results prefix that exist, which the index checks again
+    before each reuse.
+    """
+    if row.get("error") is not None or row.get("status") != SUCCEEDED or row.get("reused_from"):
+        return None
+    key, uri = str(row["key"]), row.get("scrape_uri")
+    if not isinstance(uri, str) or not uri.startswith("s3://"):
+        return None  # a document outside object storage cannot be checked before a reuse
+    scrape_bucket, scrape_key = parse_s3_uri(uri)
+    artifacts: dict[str, str] = {}
+    for label, artifact_uri in sorted((row.get("artifacts") or {}).items()):
+        try:
+            location = ArtifactLocation.parse(str(artifact_uri))
+        except ValueError:
+            continue
+        if location.scheme == "file" or not location.key.startswith(results_prefix(key)):
+            continue  # inputs are named by content; only results are checked before a reuse
+        if _exists(client, location.bucket, location.key):
+            artifacts[label] = str(artifact_uri)
+    exit_code = row.get("exit_code")
+    return RunSummary(
+        key=key,
+        status=Status.SUCCEEDED,
+        exit_code=exit_code if isinstance(exit_code, int) else None,
+        artifacts=artifacts,
+        scrape_uri=uri,
+        scrape_bucket=scrape_bucket,
+        scrape_key=scrape_key,
+    )
+
+
+def _exists(client: Any, bucket: str, key: str) -> bool:
+    try:
+        client.head_object(Bucket=bucket, Key=key)
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "NotFound", "404"):
+            return False
+        raise
+    return True
 
 
 def dead_lettered_keys(bodies: Iterable[bytes], keys: Iterable[str], since: float | None = None) -> set[str]:

@@ -207,6 +207,7 @@ def enn_generation():
         **EXPERIMENT,
         rabbitmq_conn_id=RABBITMQ_CONN_ID,
         min_success_ratio="{{ params.min_success_ratio }}",
+        cache=True,  # as train: publishes only the genomes without a succeeded result, under any key
         poll_interval=5.0,
         fields=FIELDS,
         output_uri=TABLE_URI,

@@ -20,7 +20,7 @@ from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperato
 from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from kubernetes.client import models as k8s
-from studio_runner.memo import FingerprintError, ResultIndex, artifact_digest, fingerprint
+from studio_runner.memo import Fingerprinter, FingerprintError, ResultIndex
 from studio_runner.outcome import Status
 from studio_runner.request import Request, RequestError
 from studio_runner.summary import RunSummary
@@ -390,19 +390,9 @@ class StudioExperimentOperator(StudioRunnerPodOperator):
         return summary.to_value()
 
     def _fingerprint_of(self, request: Request) -> str:
-        """The request's fingerprint; inputs not named by their content are identified by ETag."""
-        digests: dict[str, str] = {}
-        for label, artifact in request.experiment.artifacts.items():
-            if artifact.mutable or artifact_digest(request, label):
-                continue
-            head = self._hook.head_object(key=artifact.key, bucket_name=artifact.bucket)
-            if not head or not head.get("ETag"):
-                raise AirflowFailException(
-                    f"experiment {request.key}: input {label} {artifact.qualified} is gone"
-                )
-            digests[label] = f"etag:{head['ETag'].strip(chr(34))}"
+        """The request's fingerprint (the one home: ``studio_runner.memo.Fingerprinter``)."""
         try:
-            return fingerprint(request, cache_version=self.cache_version or "", digests=digests)
+            return Fingerprinter(self._hook.get_conn(), cache_version=self.cache_version or "").of(request)
         except FingerprintError as error:
             raise AirflowFailException(f"experiment {request.key}: {error}") from None
 

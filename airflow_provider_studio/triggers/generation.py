@@ -19,7 +19,12 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from asgiref.sync import sync_to_async
 
 from airflow_provider_studio.exceptions import QueueNotFound, StudioQueueError
-from airflow_provider_studio.generation import Standing, dead_lettered_keys, standing
+from airflow_provider_studio.generation import (
+    Standing,
+    dead_lettered_keys,
+    discount_earlier_attempts,
+    standing,
+)
 from airflow_provider_studio.hooks.queue import QueueInspector
 from airflow_provider_studio.hooks.rabbitmq import StudioRabbitMQHook
 from airflow_provider_studio.scrape_collection import ScrapeCollector, Wanted, scrape_client
@@ -38,6 +43,8 @@ class StudioGenerationTrigger(BaseTrigger):
     :param deadline: epoch seconds after which the trigger reports what finished so far.
     :param published_after: epoch seconds before this run published; older dead letters
         (an earlier run's) do not count.
+    :param attempts_before: key → attempts it had before this run published it again; until
+        it has more, its latest attempt is an earlier run's and does not count.
     """
 
     def __init__(
@@ -51,6 +58,7 @@ class StudioGenerationTrigger(BaseTrigger):
         poll_interval: float = 30.0,
         deadline: float | None = None,
         published_after: float | None = None,
+        attempts_before: dict[str, int] | None = None,
     ) -> None:
         super().__init__()
         if float(poll_interval) <= 0:
@@ -63,6 +71,7 @@ class StudioGenerationTrigger(BaseTrigger):
         self.poll_interval = float(poll_interval)
         self.deadline = None if deadline is None else float(deadline)
         self.published_after = None if published_after is None else float(published_after)
+        self.attempts_before = {str(key): int(count) for key, count in (attempts_before or {}).items()}
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -76,6 +85,7 @@ class StudioGenerationTrigger(BaseTrigger):
                 "poll_interval": self.poll_interval,
                 "deadline": self.deadline,
                 "published_after": self.published_after,
+                "attempts_before": dict(self.attempts_before),
             },
         )
 
@@ -100,6 +110,7 @@ class StudioGenerationTrigger(BaseTrigger):
                 except StudioQueueError as error:
                     yield self._event("error", last, str(error))
                     return
+                discount_earlier_attempts(table.rows, self.attempts_before)
                 now = standing(table, dead)
                 if now != last:
                     self.log.info("%s (queue %s)", now.line(), self.queue_name)

@@ -24,7 +24,8 @@ import json
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -93,6 +94,45 @@ def fingerprint(
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+class Fingerprinter:
+    """Fingerprints of requests whose inputs are in one store, for every caller alike.
+
+    An input whose key does not name its content (an ``s3://`` object given by the user) is
+    identified by its ETag, asked once per object however many requests of a generation share
+    it. ``client`` is a boto3 S3 client (an Airflow ``S3Hook().get_conn()``).
+    """
+
+    def __init__(self, client: Any, *, cache_version: str = "") -> None:
+        self.client = client
+        self.cache_version = str(cache_version or "")
+        self._etags: dict[tuple[str, str], str] = {}
+
+    def of(self, request: Request) -> str:
+        """``request``'s fingerprint; FingerprintError when an input's content cannot be told."""
+        digests: dict[str, str] = {}
+        for label, artifact in request.experiment.artifacts.items():
+            if artifact.mutable or artifact_digest(request, label):
+                continue
+            digests[label] = f"etag:{self._etag(label, artifact.bucket, artifact.key, artifact.qualified)}"
+        return fingerprint(request, cache_version=self.cache_version, digests=digests)
+
+    def _etag(self, label: str, bucket: str, key: str, qualified: str) -> str:
+        known = self._etags.get((bucket, key))
+        if known is not None:
+            return known
+        try:
+            head = self.client.head_object(Bucket=bucket, Key=key)
+        except Exception as error:  # botocore's ClientError, without importing botocore here
+            if _error_code(error) in _MISSING:
+                raise FingerprintError(f"input {label} {qualified or key} is gone") from None
+            raise
+        etag = str(head.get("ETag") or "").strip('"')
+        if not etag:
+            raise FingerprintError(f"input {label} {qualified or key} has no ETag to identify its content")
+        self._etags[(bucket, key)] = etag
+        return etag
+
+
 class IndexEntry(BaseModel):
     """One ``memo/<fingerprint>.json``: the succeeded run whose result stands for the fingerprint."""
 
@@ -150,6 +190,21 @@ class ResultIndex:
             )
             return None
         return summary
+
+    def lookup_many(self, fps: Iterable[str], *, max_workers: int = 32) -> dict[str, RunSummary]:
+        """The fingerprints among ``fps`` with a reusable result, each looked up once.
+
+        A generation asks for thousands; a lookup is a GET plus a HEAD per stored result, so
+        they run on a thread pool (give the client a connection per worker). Asking per
+        fingerprint costs what the generation costs, where listing ``memo/`` would cost what
+        every campaign ever recorded costs, and lookups would still have to check the results.
+        """
+        unique = list(dict.fromkeys(fps))
+        if not unique:
+            return {}
+        with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(unique)))) as pool:
+            found = dict(zip(unique, pool.map(self.lookup, unique), strict=True))
+        return {fp: summary for fp, summary in found.items() if summary is not None}
 
     def record(self, fp: str, summary: RunSummary) -> str:
         """Store ``summary`` as the result of ``fp``; returns the entry's key.
