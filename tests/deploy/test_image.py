@@ -128,14 +128,20 @@ def operator_run(
     runner_image: str, services, s3_client, tmp_path_factory: pytest.TempPathFactory
 ) -> OperatorRun:
     """``StudioExperimentOperator``'s pod, run once in the image against the session's servers."""
+    bucket = f"t-{uuid.uuid4().hex[:20]}"
+    s3_client.create_bucket(Bucket=bucket)
+    return run_operator_pod(
+        runner_image, services, s3_client, tmp_path_factory.mktemp("operator-pod"), bucket
+    )
+
+
+def run_operator_pod(runner_image: str, services, s3_client, scratch: Path, bucket: str) -> OperatorRun:
+    """One fresh pod of ``StudioExperimentOperator`` (new key, empty volumes) run to its end."""
     from kubernetes.client import ApiClient
 
     from airflow_provider_studio.operators.experiment import StudioExperimentOperator
     from airflow_provider_studio.operators.runner_pod import DEFAULT_CREDENTIALS_SECRET, XCOM_RESULT_FILE
 
-    scratch = tmp_path_factory.mktemp("operator-pod")
-    bucket = f"t-{uuid.uuid4().hex[:20]}"
-    s3_client.create_bucket(Bucket=bucket)
     workspace = scratch / "workspace"
     workspace.mkdir()
     (workspace / "train.py").write_text(TRAIN)
@@ -212,6 +218,25 @@ def test_the_operator_pod_runs_an_experiment(operator_run: OperatorRun, s3_clien
     scraped = json.loads(s3_client.get_object(Bucket=scrape_bucket, Key=scrape_key)["Body"].read())
     assert scraped == document
     _check_core_results(s3_client, run.bucket, run.key, document)
+
+
+def test_a_second_operator_pod_restores_the_first_pods_environment_in_the_image(
+    operator_run: OperatorRun, runner_image: str, services, s3_client, tmp_path: Path
+) -> None:
+    """The environment cache on by default: the next fresh pod unpacks the pack the first stored
+    (with the image's GNU tar, unprivileged, on a read-only root) instead of installing."""
+    second = run_operator_pod(runner_image, services, s3_client, tmp_path, operator_run.bucket)
+    assert second.returncode == 0, f"the second pod failed (exit {second.returncode}):\n{second.log_tail}"
+    assert "restored from cache" in second.log_tail, second.log_tail
+    assert second.summary is not None and second.summary["status"] == "succeeded", second.summary
+    _check_core_results(s3_client, second.bucket, second.key, second.document or {})
+    gnu_tar = subprocess.run(
+        image.podman("run", "--rm", *image.RUN_LIMITS, "--entrypoint", "tar", runner_image, "--version"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "GNU tar" in gnu_tar.stdout, f"the image's tar is not GNU tar:\n{gnu_tar.stdout}{gnu_tar.stderr}"
 
 
 def test_the_operator_pods_experiment_runs_unprivileged_on_a_read_only_root(
