@@ -7,6 +7,7 @@ fine for a loopback-only demo and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -51,6 +52,9 @@ class LocalAirflow:
     endpoints: Endpoints
     port: int = API_PORT
     process: subprocess.Popen[bytes] | None = None
+    dags_folder: Path = REPO / "dags"
+    triggerer: subprocess.Popen[bytes] | None = None
+    """A triggerer :meth:`start_triggerer` started, replacing standalone's own."""
 
     @property
     def url(self) -> str:
@@ -65,18 +69,24 @@ class LocalAirflow:
         """The running Airflow's process group, so an interrupted demo's Airflow is found and stopped."""
         return self.home / "standalone.pid.json"
 
+    @property
+    def triggerer_pid_file(self) -> Path:
+        return self.home / "triggerer.pid.json"
+
     def stop_leftover(self) -> bool:
         """Stop an Airflow that an earlier, killed demo left running on this home: its scheduler
         would pick up this run's tasks with that run's settings (ports, connections)."""
-        try:
-            leftover = Server(**json.loads(self.pid_file.read_text()))
-        except (OSError, ValueError, TypeError):
-            return False
-        self.pid_file.unlink(missing_ok=True)
-        if not leftover.alive():
-            return False
-        leftover.stop(timeout=30)
-        return True
+        stopped = False
+        for pid_file in (self.triggerer_pid_file, self.pid_file):
+            try:
+                leftover = Server(**json.loads(pid_file.read_text()))
+            except (OSError, ValueError, TypeError):
+                continue
+            pid_file.unlink(missing_ok=True)
+            if leftover.alive():
+                leftover.stop(timeout=30)
+                stopped = True
+        return stopped
 
     def choose_port(self) -> None:
         """Keep the usual UI port when it is free; another checkout's Airflow may hold it."""
@@ -96,7 +106,7 @@ class LocalAirflow:
             **os.environ,
             "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
             "AIRFLOW_HOME": str(self.home),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__PARALLELISM": "4",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
@@ -221,7 +231,10 @@ class LocalAirflow:
             return False
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop every Airflow process we started (one process group)."""
+        """Stop every Airflow process we started (one process group, and a triggerer we restarted)."""
+        if self.triggerer is not None and self.triggerer.poll() is None:
+            Server.of("triggerer", self.triggerer.pid).stop(timeout=timeout)
+        self.triggerer_pid_file.unlink(missing_ok=True)
         if self.process is None or self.process.poll() is not None:
             self.pid_file.unlink(missing_ok=True)
             return
@@ -236,6 +249,80 @@ class LocalAirflow:
             except subprocess.TimeoutExpired:
                 continue
         self.pid_file.unlink(missing_ok=True)
+
+    # --- restarting the triggerer ------------------------------------------------------------
+    def stop_triggerer(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 60.0) -> None:
+        """Stop only the triggerer, as a rollout (SIGTERM to its main process, which should shut
+        down cleanly) or a lost node (SIGKILL to it and its trigger-runner child) would; the
+        scheduler, DAG processor and API server keep running and deferred tasks stay deferred."""
+        (main,) = self._triggerer_processes()
+        tree = [main, *main.children(recursive=True)]
+        for process in tree if sig == signal.SIGKILL else [main]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.send_signal(sig)
+        deadline = time.monotonic() + timeout
+        while (alive := [p for p in tree if _running(p)]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for process in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        if alive:
+            raise AirflowError(
+                f"the triggerer did not stop within {timeout:.0f} s of {sig.name}; see {self.log_file}"
+            )
+
+    def start_triggerer(self, timeout: float = 180.0) -> None:
+        """Start a new triggerer (after :meth:`stop_triggerer`) and wait until its job heartbeats.
+        Its output goes to ``triggerer.log`` in the home; :meth:`stop` stops it too."""
+        if self._triggerer_processes():
+            raise AirflowError("a triggerer is still running: stop it first")
+        before = self._latest_triggerer_job()
+        with open(self.home / "triggerer.log", "ab") as log:
+            self.triggerer = subprocess.Popen(
+                [sys.executable, "-m", "airflow", "triggerer"],
+                env=self.environment(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self.triggerer_pid_file.write_text(json.dumps(asdict(Server.of("triggerer", self.triggerer.pid))))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.triggerer.poll() is not None:
+                raise AirflowError(f"the new triggerer exited; see {self.home / 'triggerer.log'}")
+            job = self._latest_triggerer_job()
+            if job and job["id"] != (before or {}).get("id") and job["state"] == "running":
+                return
+            time.sleep(1)
+        raise AirflowError(
+            f"the new triggerer did not start within {timeout:.0f} s; see {self.home / 'triggerer.log'}"
+        )
+
+    def _triggerer_processes(self) -> list[psutil.Process]:
+        """The running main triggerer process (standalone's child or ours), without its children."""
+        roots = [p.pid for p in (self.process, self.triggerer) if p is not None and p.poll() is None]
+        found: list[psutil.Process] = []
+        for root in roots:
+            try:
+                tree = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+            for process in tree:
+                try:
+                    if (
+                        _running(process)
+                        and "triggerer" in process.cmdline()
+                        and "triggerer" not in process.parent().cmdline()
+                    ):
+                        found.append(process)
+                except (psutil.NoSuchProcess, psutil.ZombieProcess, AttributeError):
+                    continue
+        return found
+
+    def _latest_triggerer_job(self) -> dict[str, Any] | None:
+        jobs = self.api("GET", "/jobs?job_type=TriggererJob&order_by=-id&limit=1")["jobs"]
+        return jobs[0] if jobs else None
 
     # --- the REST API --------------------------------------------------------------------------
     def api(self, method: str, path: str, body: Any = None, *, patience: float = 120) -> Any:
@@ -326,3 +413,12 @@ class LocalAirflow:
         except (OSError, ValueError):
             return ["api server", *parts[1:]]
         return [part for part in parts if (health.get(part) or {}).get("status") != "healthy"]
+
+
+def _running(process: psutil.Process) -> bool:
+    """Alive and not a zombie: standalone never reaps the triggerer it started, so once stopped
+    the triggerer stays a zombie until standalone ends."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

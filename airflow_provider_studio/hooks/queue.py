@@ -9,6 +9,7 @@ requests, which stay where they were.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,9 +27,13 @@ from airflow_provider_studio.hooks.rabbitmq import QueueState, StudioRabbitMQHoo
 RABBITMQ_PREFIX = "rmq_"
 SQS_PREFIX = "sqs_"
 MISSING_QUEUE_CHOICES = ("fail", "wait")
-SQS_PEEK_LIMIT = 10
-"""SQS returns at most 10 messages per receive; a second receive could return the same ones."""
+SQS_RECEIVE_LIMIT = 10
+"""SQS returns at most 10 messages per receive."""
+SQS_PEEK_HIDE_SECONDS = 30
+"""How long a peek beyond one receive hides what it received, so the next receive returns others;
+they are made visible again as soon as the peek ends, and this bounds the delay if that fails."""
 
+log = logging.getLogger(__name__)
 _SQS_MISSING = {"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"}
 _SQS_REFUSED = {
     "AccessDenied",
@@ -137,12 +142,17 @@ class QueueInspector:
             url = client.get_queue_url(QueueName=self.queue_name)["QueueUrl"]
             answer = client.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"])
             depth = int(answer.get("Attributes", {}).get("ApproximateNumberOfMessages", 0))
-            count = min(peek_limit, SQS_PEEK_LIMIT, depth)
-            peek = _peek_sqs(count)
-            received = client.receive_message(QueueUrl=url, **peek) if peek else {}
+            peek = SqsPeek(peek_limit if depth else 0)
+            while (receive := peek.next_receive()) is not None:
+                peek.take(client.receive_message(QueueUrl=url, **receive))
         except (ClientError, BotoCoreError) as error:
             raise sqs_error(self.queue_name, self.aws_conn_id, client, error) from error
-        return QueueState(queue=self.queue_name, depth=depth, bodies=_sqs_bodies(received))
+        for entries in peek.release_batches():
+            try:
+                peek.released(client.change_message_visibility_batch(QueueUrl=url, Entries=entries))
+            except (ClientError, BotoCoreError) as error:
+                peek.released(error)
+        return QueueState(queue=self.queue_name, depth=depth, bodies=peek.bodies)
 
     async def astate(self, peek_limit: int) -> QueueState:
         if self.backend == "rmq":
@@ -158,11 +168,11 @@ class QueueInspector:
 
 
 async def sqs_queue_state(client: Any, queue: str, peek_limit: int, aws_conn_id: str | None) -> QueueState:
-    """Depth (ApproximateNumberOfMessages) and up to 10 peeked bodies of an SQS queue, async.
+    """Depth (ApproximateNumberOfMessages) and up to ``peek_limit`` peeked bodies of an SQS queue, async.
 
-    Peeking receives with ``VisibilityTimeout=0``, so the messages stay available to runners;
-    it does raise their ApproximateReceiveCount, which only matters for a queue with a
-    redrive policy (StudioML clients do not set one).
+    How a peek leaves the messages is :class:`SqsPeek`'s to say. It raises their
+    ApproximateReceiveCount, which only matters for a queue with a redrive policy (StudioML
+    clients do not set one).
     """
     try:
         url = (await client.get_queue_url(QueueName=queue))["QueueUrl"]
@@ -170,23 +180,88 @@ async def sqs_queue_state(client: Any, queue: str, peek_limit: int, aws_conn_id:
             QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"]
         )
         depth = int(answer.get("Attributes", {}).get("ApproximateNumberOfMessages", 0))
-        count = min(peek_limit, SQS_PEEK_LIMIT, depth)
-        peek = _peek_sqs(count)
-        received = await client.receive_message(QueueUrl=url, **peek) if peek else {}
+        peek = SqsPeek(peek_limit if depth else 0)
+        while (receive := peek.next_receive()) is not None:
+            peek.take(await client.receive_message(QueueUrl=url, **receive))
     except (ClientError, BotoCoreError) as error:
         raise sqs_error(queue, aws_conn_id, client, error) from error
-    return QueueState(queue=queue, depth=depth, bodies=_sqs_bodies(received))
+    for entries in peek.release_batches():
+        try:
+            peek.released(await client.change_message_visibility_batch(QueueUrl=url, Entries=entries))
+        except (ClientError, BotoCoreError) as error:
+            peek.released(error)
+    return QueueState(queue=queue, depth=depth, bodies=peek.bodies)
 
 
-def _peek_sqs(count: int) -> dict[str, int]:
-    """A receive that leaves the messages visible to runners; nothing to receive for 0."""
-    if count <= 0:
-        return {}
-    return {"MaxNumberOfMessages": count, "VisibilityTimeout": 0, "WaitTimeSeconds": 0}
+class SqsPeek:
+    """The receives of one SQS peek of up to ``limit`` messages, for the sync and the async client.
 
+    Up to 10 (one receive) the peek receives with ``VisibilityTimeout=0``: the messages stay
+    available to runners. SQS has no peek beyond that: a second receive may return the same
+    messages again. So a larger peek (a generation's dead letters, thousands of them) hides
+    each batch for :data:`SQS_PEEK_HIDE_SECONDS` while it receives the next, with a 1 s long
+    poll (a short poll may miss messages on some SQS servers), deduplicates by ``MessageId``,
+    stops at the first receive with nothing new, and then makes every message it hid visible
+    again; should that fail, the hiding lapses by itself.
+    """
 
-def _sqs_bodies(received: Any) -> tuple[bytes, ...]:
-    return tuple(message["Body"].encode() for message in received.get("Messages", []))
+    def __init__(self, limit: int) -> None:
+        self.limit = max(0, int(limit))
+        self.single = self.limit <= SQS_RECEIVE_LIMIT
+        self._bodies: dict[str, bytes] = {}
+        self._handles: dict[str, str] = {}
+        self._done = self.limit == 0
+
+    @property
+    def bodies(self) -> tuple[bytes, ...]:
+        return tuple(self._bodies.values())
+
+    def next_receive(self) -> dict[str, int] | None:
+        """The next ``receive_message`` arguments, or None when the peek is complete."""
+        if self._done or len(self._bodies) >= self.limit:
+            return None
+        count = min(SQS_RECEIVE_LIMIT, self.limit - len(self._bodies))
+        if self.single:
+            return {"MaxNumberOfMessages": count, "VisibilityTimeout": 0, "WaitTimeSeconds": 0}
+        return {
+            "MaxNumberOfMessages": count,
+            "VisibilityTimeout": SQS_PEEK_HIDE_SECONDS,
+            "WaitTimeSeconds": 1,
+        }
+
+    def take(self, received: Any) -> None:
+        new = 0
+        for message in received.get("Messages", []):
+            if len(self._bodies) >= self.limit:
+                break
+            if message["MessageId"] not in self._bodies:
+                new += 1
+                self._bodies[message["MessageId"]] = message["Body"].encode()
+            if not self.single:
+                self._handles[message["MessageId"]] = message["ReceiptHandle"]  # the latest receive's
+        self._done = self.single or new == 0
+
+    def release_batches(self) -> list[list[dict[str, Any]]]:
+        """``change_message_visibility_batch`` entries (10 a call) that show the hidden messages again."""
+        entries = [
+            {"Id": str(index), "ReceiptHandle": handle, "VisibilityTimeout": 0}
+            for index, handle in enumerate(self._handles.values())
+        ]
+        return [
+            entries[start : start + SQS_RECEIVE_LIMIT] for start in range(0, len(entries), SQS_RECEIVE_LIMIT)
+        ]
+
+    def released(self, answer: Any) -> None:
+        """Log what could not be shown again (it shows again when the hiding lapses); never raises."""
+        if isinstance(answer, Exception):
+            log.warning("peeked SQS messages stay hidden for up to %d s: %s", SQS_PEEK_HIDE_SECONDS, answer)
+        elif answer.get("Failed"):
+            log.warning(
+                "%d peeked SQS messages stay hidden for up to %d s: %s",
+                len(answer["Failed"]),
+                SQS_PEEK_HIDE_SECONDS,
+                answer["Failed"][0].get("Message") or answer["Failed"][0].get("Code"),
+            )
 
 
 def sqs_error(queue: str, aws_conn_id: str | None, client: Any, error: Exception) -> StudioQueueError:
@@ -205,7 +280,7 @@ def sqs_error(queue: str, aws_conn_id: str | None, client: Any, error: Exception
         if code in _SQS_REFUSED:
             return BrokerAuthError(
                 f"AWS refused {connection} for SQS queue '{queue}' ({code}: {detail}): check its keys or "
-                "role, and that it may call sqs:GetQueueUrl, sqs:GetQueueAttributes and sqs:ReceiveMessage"
+                "role, and that it may call sqs:GetQueueUrl, sqs:GetQueueAttributes and sqs:ReceiveMessage (and sqs:ChangeMessageVisibility for peeks over 10)"
             )
         return StudioQueueError(
             f"SQS refused to inspect queue '{queue}' in region {region}: {code}: {detail}"

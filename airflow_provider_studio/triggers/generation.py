@@ -30,7 +30,7 @@ from airflow_provider_studio.hooks.rabbitmq import StudioRabbitMQHook
 from airflow_provider_studio.scrape_collection import ScrapeCollector, Wanted, scrape_client
 
 DEAD_LETTER_PEEK_LIMIT = 10_000
-"""At most this many dead letters are read per look (RabbitMQ; SQS peeks 10 at a time)."""
+"""At most this many dead letters are read per look (RabbitMQ and SQS alike)."""
 
 
 class StudioGenerationTrigger(BaseTrigger):
