@@ -129,7 +129,7 @@ async def first_event(trigger: StudioGenerationTrigger, timeout: float = EVENT_T
     return event.payload
 
 
-def test_a_generation_completes_with_two_runners_across_a_triggerer_restart(
+def test_a_generation_completes_with_two_runners_and_a_trigger_rebuilt_from_its_serialized_form(
     generation, runners, s3_client, services
 ) -> None:
     genomes = [["ok", f"0.{index + 1}"] for index in range(6)]
@@ -139,7 +139,8 @@ def test_a_generation_completes_with_two_runners_across_a_triggerer_restart(
     # the management API's counts lag the broker by a few seconds
     wait_for(lambda: queue_depth(services.amqp_management_url, generation["queue"]) == 6, 30, "6 queued")
 
-    # the triggerer dies while the generation waits (no runner yet): its trigger is cancelled
+    # the trigger's own part of a triggerer restart (the cancelled run, then the rebuild from its
+    # serialized row); a real restart of `airflow triggerer` is tests/dags/test_generation_triggerer_restart.py
     with pytest.raises(TimeoutError):
         asyncio.run(first_event(trigger, timeout=3))
     runners(generation["queue"], 2)
