@@ -52,9 +52,12 @@ class LocalAirflow:
     endpoints: Endpoints
     port: int = API_PORT
     process: subprocess.Popen[bytes] | None = None
+    server: Server | None = None
+    """The process group of ``process`` (standalone and everything it started)."""
     dags_folder: Path = REPO / "dags"
     triggerer: subprocess.Popen[bytes] | None = None
     """A triggerer :meth:`start_triggerer` started, replacing standalone's own."""
+    triggerer_server: Server | None = None
 
     @property
     def url(self) -> str:
@@ -192,7 +195,8 @@ class LocalAirflow:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        self.pid_file.write_text(json.dumps(asdict(Server.of("airflow", self.process.pid))))
+        self.server = Server.of("airflow", self.process.pid)
+        self.pid_file.write_text(json.dumps(asdict(self.server)))
         needs = HEALTH_PARTS if command == ("standalone",) else ("metadatabase",)
         started = time.monotonic()
         said = started
@@ -232,22 +236,13 @@ class LocalAirflow:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop every Airflow process we started (one process group, and a triggerer we restarted)."""
-        if self.triggerer is not None and self.triggerer.poll() is None:
-            Server.of("triggerer", self.triggerer.pid).stop(timeout=timeout)
+        if self.triggerer_server is not None:
+            self.triggerer_server.stop(timeout=timeout)
+            self.triggerer_server = None
         self.triggerer_pid_file.unlink(missing_ok=True)
-        if self.process is None or self.process.poll() is not None:
-            self.pid_file.unlink(missing_ok=True)
-            return
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.process.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        if self.process is not None and self.server is not None:
+            self.server.stop(timeout=timeout)  # the whole group, even once standalone itself has exited
+            self.process.poll()
         self.pid_file.unlink(missing_ok=True)
 
     # --- restarting the triggerer ------------------------------------------------------------
@@ -286,7 +281,8 @@ class LocalAirflow:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        self.triggerer_pid_file.write_text(json.dumps(asdict(Server.of("triggerer", self.triggerer.pid))))
+        self.triggerer_server = Server.of("triggerer", self.triggerer.pid)
+        self.triggerer_pid_file.write_text(json.dumps(asdict(self.triggerer_server)))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.triggerer.poll() is not None:

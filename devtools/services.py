@@ -147,16 +147,35 @@ class Server:
         return self.started != 0 and process_start_time(self.pid) == self.started
 
     def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM the server's process group, then SIGKILL whatever is left."""
-        if not self.alive():
+        """SIGTERM the server's process group, then SIGKILL whatever is left after ``timeout``.
+
+        The whole group, not only its leader: a leader that has exited (``airflow standalone``
+        when one of its parts dies) leaves children that still answer to the group, and an
+        Airflow scheduler may outlive SIGTERM for good.
+        """
+        if not self._group_alive():
             return
         _signal_group(self.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.alive():
+        while time.monotonic() < deadline and self._group_alive():
             _reap(self.pid)
             time.sleep(0.1)
-        _signal_group(self.pid, signal.SIGKILL)
+        if self._group_alive():
+            _signal_group(self.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 5.0  # SIGKILL is not refused, only delivered a moment later
+            while time.monotonic() < deadline and self._group_alive():
+                time.sleep(0.05)
         _reap(self.pid)
+
+    def _group_alive(self) -> bool:
+        """Whether anything of the group we started still runs (zombies aside). A PID now used
+        by another process means the group is no longer ours to signal."""
+        if self.started == 0:
+            return False
+        leader = process_start_time(self.pid)
+        if leader is not None and leader != self.started:
+            return False
+        return any(_in_group(pid, self.pid) for pid in _pids())
 
 
 @dataclass
@@ -471,6 +490,20 @@ def _reap(pid: int) -> None:
     """Collect our own exited child so it does not linger as a zombie."""
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
+
+
+def _pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _in_group(pid: int, group: int) -> bool:
+    """A live (not zombie) member of process group ``group``, read from ``/proc/<pid>/stat``."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state, ppid, pgrp, ...
+    return fields[0] != "Z" and int(fields[2]) == group
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
