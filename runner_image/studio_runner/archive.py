@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import bz2
 import contextlib
-import functools
 import gzip
 import io
 import logging
@@ -286,10 +285,8 @@ def unpack(
     return written
 
 
-@functools.cache
 def gnu_tar() -> str | None:
-    """The path of GNU tar on ``PATH``, or None (BusyBox and BSD tar lack the guards relied on).
-    Asked once per process."""
+    """The path of GNU tar on ``PATH``, or None (BusyBox and BSD tar lack the guards relied on)."""
     found = shutil.which("tar")
     if found is None:
         return None

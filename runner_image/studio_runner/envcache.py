@@ -14,12 +14,12 @@ first out; the object-storage prefix is bounded by a lifecycle rule (deploy/READ
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -106,39 +106,31 @@ class EnvPackCache:
 
     # -- reading ----------------------------------------------------------------------------
 
-    def restore(self, env_key: str, unpack: Callable[[BinaryIO], None]) -> str | None:
-        """Feed the pack of ``env_key`` to ``unpack``; where it came from, or None if nowhere.
+    @contextlib.contextmanager
+    def fetched(self, env_key: str) -> Iterator[tuple[Path, str] | None]:
+        """A verified pack of ``env_key`` on local disk and where it came from; None if nowhere.
 
-        A stored pack is unpacked while it downloads (for a multi-gigabyte environment the two
-        otherwise take about as long each), its checksum checked once the last byte arrived:
-        ``unpack`` must write only to a scratch folder the caller uses after this returns. A
-        pack that fails its checksum, or that ``unpack`` refuses as corrupt, is discarded and
-        None returned, so the caller builds as if nothing were cached. A store that fails
-        mid-download raises StorageError and the pack is kept: the next runner may fare better.
+        A pack whose bytes do not match its checksum is discarded (locally or in the store) and
+        reported as absent, so the caller builds as if nothing were cached.
         """
         local = self._local_pack(env_key)
         if local is not None:
             os.utime(local)  # least recently used leaves first
-            try:
-                with open(local, "rb") as source:
-                    unpack(source)
-            except PackCorrupt as error:
-                self.discard(env_key, f"it does not unpack: {error}")
-                return None
-            return str(local)
+            yield local, str(local)
+            return
         if self.location is None:
-            return None
+            yield None
+            return
         store = self._store()
         bucket, key = self.location.bucket, self.location.key(env_key)
         info = store.stat(bucket, key)
         if info is None:
-            return None
+            yield None
+            return
         expected = info.metadata.get(CHECKSUM, "")
         with self._scratch_file(env_key) as (path, handle):
-            keep = handle if self.local_dir is not None else None
-            digest, refused = _streamed(
-                lambda out: store.download(bucket, key, out, etag=info.etag), unpack, keep
-            )
+            digest = _Hashing(handle)
+            store.download(bucket, key, digest, etag=info.etag)  # type: ignore[arg-type]
             handle.close()
             if not expected or digest.hexdigest() != expected:
                 self.discard(
@@ -146,12 +138,11 @@ class EnvPackCache:
                     f"sha256 {digest.hexdigest()} of its {digest.size} bytes does not match the stored "
                     f"{expected or '(none)'}",
                 )
-                return None
-            if refused is not None:
-                self.discard(env_key, f"it does not unpack: {refused}")
-                return None
+                yield None
+                return
             self._keep_locally(env_key, path, expected)
-        return store.uri(bucket, key)
+            kept = self._local_pack(env_key, verify=False) or path
+            yield kept, store.uri(bucket, key)
 
     def discard(self, env_key: str, reason: str) -> None:
         """Forget a bad pack everywhere, so the next builder stores a good one."""
@@ -291,79 +282,40 @@ class EnvPackCache:
             path.unlink(missing_ok=True)
 
 
-def unpack_pack(source: BinaryIO, target: Path) -> None:
-    """Unpack a pack's bytes into ``target``; PackCorrupt if they are not a pack.
+def unpack_pack(path: Path, target: Path) -> None:
+    """Unpack a fetched, checksum-verified pack into ``target``; PackCorrupt if it fails.
 
     GNU tar does the writing where the machine has it (the runner image does): restoring is
     the whole of a fresh pod's wait, and it is 4x faster than ``tarfile`` for an environment's
     thousands of small files. Elsewhere the archive module's own unpacker does it.
     """
-    tar = gnu_tar()
+    tar = _gnu_tar()
     try:
-        if tar is not None:
-            unpack_with_gnu_tar(source, target, budget=_UNPACK_BUDGET, tar=tar)
-        else:
-            unpack(source, target, budget=_UNPACK_BUDGET)
+        with open(path, "rb") as source:
+            if tar is not None:
+                unpack_with_gnu_tar(source, target, budget=_UNPACK_BUDGET, tar=tar)
+            else:
+                unpack(source, target, budget=_UNPACK_BUDGET)
     except ArchiveError as error:
         raise PackCorrupt(str(error)) from None
 
 
-def _streamed(
-    download: Callable[[BinaryIO], object], unpack: Callable[[BinaryIO], None], keep: BinaryIO | None
-) -> tuple[_Hashing, PackCorrupt | None]:
-    """Run ``download`` (writing) and ``unpack`` (reading) at once through a pipe; the hash of
-    every byte downloaded, and what ``unpack`` refused the pack for. ``keep`` gets a copy.
-
-    A refused pack is still read to its end, so that its checksum tells a cut-short or damaged
-    download from a pack that was stored bad. A broken download raises its StorageError: it
-    explains a broken archive, and the pack itself may be fine.
-    """
-    read_end, write_end = os.pipe()
-    reader, writer = os.fdopen(read_end, "rb"), os.fdopen(write_end, "wb")
-    digest = _Hashing(writer, copy=keep)
-    failed: list[BaseException] = []
-
-    def fetch() -> None:
-        try:
-            with writer:
-                download(digest)  # type: ignore[arg-type]
-        except BrokenPipeError:
-            pass  # the unpacker stopped reading; its own error says why
-        except BaseException as error:  # handed to the calling thread, which raises it
-            failed.append(error)
-
-    thread = threading.Thread(target=fetch, name="env-pack-download", daemon=True)
-    thread.start()
-    refused: PackCorrupt | None = None
-    try:
-        with reader:
-            try:
-                unpack(reader)
-            except PackCorrupt as error:
-                refused = error
-            while reader.read(1 << 20):  # what follows the archive's end still counts in the hash
-                pass
-    finally:
-        thread.join()  # closing the reader above ends a download the unpacker gave up on
-    if failed:
-        raise failed[0]
-    return digest, refused
+@functools.cache
+def _gnu_tar() -> str | None:
+    return gnu_tar()
 
 
 class _Hashing:
-    """A write-only file that hashes what passes through it on its way to ``target`` (and ``copy``)."""
+    """A write-only file that hashes what passes through it on its way to ``target``."""
 
-    def __init__(self, target: BinaryIO, copy: BinaryIO | None = None) -> None:
+    def __init__(self, target: BinaryIO) -> None:
         self._target = target
-        self._copy = copy
         self._digest = hashlib.sha256()
         self.size = 0
 
     def write(self, data: bytes) -> int:
         self._digest.update(data)
         self.size += len(data)
-        if self._copy is not None:
-            self._copy.write(data)
         return self._target.write(data)
 
     def flush(self) -> None:

@@ -34,10 +34,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 from .archive import ArchiveError
-from .envcache import EnvPackCache, unpack_pack
+from .envcache import EnvPackCache, PackCorrupt, unpack_pack
 from .interpreters import Interpreter, PythonEnvError, find_interpreter, plain_env
 from .requirements import local_path
 from .storage import StorageError
@@ -238,44 +237,40 @@ class VirtualenvCache:
     def _restore(self, interpreter: Interpreter, key: str, log: Callable[[str], None]) -> str | None:
         """Unpack a packed copy over a fresh skeleton; where it came from, or None to build.
 
-        The skeleton (``python -m venv --without-pip``, 0.1 s, made once a pack is found) gives
-        this machine's interpreter links and ``pyvenv.cfg``; the pack brings everything else,
-        unpacked into ``.<key>.building`` as it downloads, its paths then rewritten from the
-        builder's folder to this one. Anything wrong with the pack means building instead.
+        The skeleton (``python -m venv --without-pip``, 0.1 s) gives this machine's interpreter
+        links and ``pyvenv.cfg``; the pack brings everything else, its paths then rewritten from
+        the builder's folder to this one. Anything wrong with the pack means building instead.
         """
         assert self.packs is not None
         final = self.venvs_dir / key
         building = self.venvs_dir / f".{key}.building"
-
-        def unpack(source: BinaryIO) -> None:
-            if final.exists():
-                shutil.rmtree(final)
-            shutil.rmtree(building, ignore_errors=True)
-            self._run(
-                [str(interpreter.path), "-m", "venv", "--without-pip", str(building)],
-                self._pip_env(),
-                log,
-                what="python -m venv",
-            )
-            unpack_pack(source, building)
-
         try:
-            source = self.packs.restore(key, unpack)
-            if source is None:
+            with self.packs.fetched(key) as found:
+                if found is None:
+                    return None
+                pack, source = found
+                if final.exists():
+                    shutil.rmtree(final)
                 shutil.rmtree(building, ignore_errors=True)
-                return None
-            try:
-                manifest = json.loads((building / MANIFEST).read_text())
-                built_in = str(manifest["path"])
-            except (OSError, ValueError, KeyError, TypeError) as error:
-                self.packs.discard(key, f"it does not unpack into an environment: {error}")
-                shutil.rmtree(building, ignore_errors=True)
-                return None
-            _relocate(building, built_in, str(final))
-            manifest.update(path=str(final), restored_from=source, restored_at=time.time())
-            (building / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-            os.rename(building, final)
-            return source
+                self._run(
+                    [str(interpreter.path), "-m", "venv", "--without-pip", str(building)],
+                    self._pip_env(),
+                    log,
+                    what="python -m venv",
+                )
+                try:
+                    unpack_pack(pack, building)
+                    manifest = json.loads((building / MANIFEST).read_text())
+                    built_in = str(manifest["path"])
+                except (PackCorrupt, OSError, ValueError, KeyError, TypeError) as error:
+                    self.packs.discard(key, f"it does not unpack into an environment: {error}")
+                    shutil.rmtree(building, ignore_errors=True)
+                    return None
+                _relocate(building, built_in, str(final))
+                manifest.update(path=str(final), restored_from=source, restored_at=time.time())
+                (building / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+                os.rename(building, final)
+                return source
         except (StorageError, PythonEnvError, ArchiveError, OSError) as error:
             logger.warning(
                 "cannot restore environment %s from the shared cache (%s); building it", key, error

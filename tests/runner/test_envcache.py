@@ -8,7 +8,6 @@ by restoring the pack (a build would fail).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import subprocess
@@ -18,9 +17,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from studio_runner.envcache import PACK_SUFFIX, EnvPackCache, PackCorrupt, _streamed, unpack_pack
+from studio_runner.envcache import PACK_SUFFIX, EnvPackCache, unpack_pack
 from studio_runner.pythonenv import VirtualenvCache
-from studio_runner.storage import StorageError
 
 from tests.runner.client_requests import client_request, upload_blob, workspace_tar
 
@@ -208,56 +206,5 @@ def test_two_concurrent_builders_leave_one_valid_pack(
     _, body, metadata = stored_pack(s3_client, bucket)
     assert hashlib.sha256(body).hexdigest() == metadata["sha256"]
     (tmp_path / "pack").write_bytes(body)
-    unpack_pack(io.BytesIO(body), tmp_path / "unpacked")
+    unpack_pack(tmp_path / "pack", tmp_path / "unpacked")
     assert (tmp_path / "unpacked" / "bin" / "tabulate").is_file()
-
-
-# --- unpacking while downloading -----------------------------------------------------------------
-PACK_BYTES = os.urandom(3 << 20)  # several pipe buffers' worth
-
-
-def download_of(data: bytes, *, fail_after: int | None = None):  # type: ignore[no-untyped-def]
-    def download(out) -> None:  # type: ignore[no-untyped-def]
-        for start in range(0, len(data), 1 << 16):
-            if fail_after is not None and start >= fail_after:
-                raise StorageError("connection reset by peer")
-            out.write(data[start : start + (1 << 16)])
-
-    return download
-
-
-def test_a_streamed_pack_is_hashed_whole_and_kept_while_it_unpacks() -> None:
-    seen = io.BytesIO()
-    kept = io.BytesIO()
-    digest, refused = _streamed(download_of(PACK_BYTES), lambda source: seen.write(source.read(1000)), kept)
-    assert refused is None
-    assert seen.getvalue() == PACK_BYTES[:1000]  # the unpacker read a little; the rest was drained
-    assert digest.hexdigest() == hashlib.sha256(PACK_BYTES).hexdigest() and digest.size == len(PACK_BYTES)
-    assert kept.getvalue() == PACK_BYTES
-
-
-def test_a_refused_pack_is_still_read_to_its_end_for_its_checksum() -> None:
-    def refuse(source) -> None:  # type: ignore[no-untyped-def]
-        raise PackCorrupt("not a tar archive")
-
-    digest, refused = _streamed(download_of(PACK_BYTES), refuse, None)
-    assert isinstance(refused, PackCorrupt)
-    assert digest.hexdigest() == hashlib.sha256(PACK_BYTES).hexdigest()
-
-
-def test_a_broken_download_is_a_storage_error_not_a_corrupt_pack() -> None:
-    def unpack(source) -> None:  # type: ignore[no-untyped-def]
-        source.read()
-        raise PackCorrupt("unexpected end of archive")  # what a cut-short stream looks like to tar
-
-    with pytest.raises(StorageError, match="connection reset"):
-        _streamed(download_of(PACK_BYTES, fail_after=1 << 20), unpack, None)
-
-
-def test_an_unpacker_that_fails_otherwise_ends_the_download_and_raises() -> None:
-    def unpack(source) -> None:  # type: ignore[no-untyped-def]
-        source.read(10)
-        raise OSError(28, "No space left on device")
-
-    with pytest.raises(OSError, match="No space left"):
-        _streamed(download_of(PACK_BYTES), unpack, None)

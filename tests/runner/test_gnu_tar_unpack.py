@@ -34,9 +34,7 @@ def tar_stream(*members: tuple[tarfile.TarInfo, bytes | None]) -> io.BytesIO:
     return buffer
 
 
-def entry(
-    name: str, kind: bytes = tarfile.REGTYPE, *, linkname: str = "", mode: int = 0o644
-) -> tarfile.TarInfo:
+def entry(name: str, kind: bytes = tarfile.REGTYPE, *, linkname: str = "", mode: int = 0o644) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type = kind
     info.linkname = linkname
@@ -72,12 +70,8 @@ def test_a_packed_folder_comes_back_whole(tmp_path: Path, tar: str) -> None:
     "members",
     [
         pytest.param([(entry("../escaped"), b"x")], id="dot-dot name"),
-        pytest.param(
-            [(entry("link", tarfile.SYMTYPE, linkname="{outside}"), None)], id="absolute link outside"
-        ),
-        pytest.param(
-            [(entry("link", tarfile.SYMTYPE, linkname="../../.."), None)], id="relative link outside"
-        ),
+        pytest.param([(entry("link", tarfile.SYMTYPE, linkname="{outside}"), None)], id="absolute link outside"),
+        pytest.param([(entry("link", tarfile.SYMTYPE, linkname="../../.."), None)], id="relative link outside"),
         pytest.param(
             [(entry("link", tarfile.SYMTYPE, linkname="{outside}"), None), (entry("link/escaped"), b"x")],
             id="write through a link",
@@ -123,6 +117,4 @@ def test_a_bomb_is_stopped_at_its_budget(tmp_path: Path, tar: str) -> None:
 def test_a_cut_short_pack_is_an_archive_error(tmp_path: Path, tar: str) -> None:
     whole = zstandard.ZstdCompressor().compress(tar_stream((entry("data"), os.urandom(300_000))).getvalue())
     with pytest.raises(ArchiveError):
-        unpack_with_gnu_tar(
-            io.BytesIO(whole[: len(whole) // 2]), tmp_path / "target", budget=1 << 30, tar=tar
-        )
+        unpack_with_gnu_tar(io.BytesIO(whole[: len(whole) // 2]), tmp_path / "target", budget=1 << 30, tar=tar)
