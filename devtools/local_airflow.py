@@ -186,17 +186,7 @@ class LocalAirflow:
     def _start_once(self, command: tuple[str, ...], progress: Callable[[str], None], timeout: float) -> bool:
         """True once healthy, False when a process outside ours answers on the port."""
         self.home.mkdir(parents=True, exist_ok=True)
-        with open(self.log_file, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "airflow", *command],
-                env=self.environment(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        self.server = Server.of("airflow", self.process.pid)
-        self.pid_file.write_text(json.dumps(asdict(self.server)))
+        self.process, self.server = self._spawn("airflow", command, self.log_file, self.pid_file)
         needs = HEALTH_PARTS if command == ("standalone",) else ("metadatabase",)
         started = time.monotonic()
         said = started
@@ -245,6 +235,24 @@ class LocalAirflow:
             self.process.poll()
         self.pid_file.unlink(missing_ok=True)
 
+    def _spawn(
+        self, name: str, command: tuple[str, ...], log_file: Path, pid_file: Path
+    ) -> tuple[subprocess.Popen[bytes], Server]:
+        """``airflow <command>`` in its own process group, output to ``log_file``, remembered in
+        ``pid_file`` so that a later run finds and stops it if this one is killed."""
+        with open(log_file, "ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "airflow", *command],
+                env=self.environment(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        server = Server.of(name, process.pid)
+        pid_file.write_text(json.dumps(asdict(server)))
+        return process, server
+
     # --- restarting the triggerer ------------------------------------------------------------
     def stop_triggerer(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 60.0) -> None:
         """Stop only the triggerer, as a rollout (SIGTERM to its main process, which should shut
@@ -272,17 +280,9 @@ class LocalAirflow:
         if self._triggerer_processes():
             raise AirflowError("a triggerer is still running: stop it first")
         before = self._latest_triggerer_job()
-        with open(self.home / "triggerer.log", "ab") as log:
-            self.triggerer = subprocess.Popen(
-                [sys.executable, "-m", "airflow", "triggerer"],
-                env=self.environment(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        self.triggerer_server = Server.of("triggerer", self.triggerer.pid)
-        self.triggerer_pid_file.write_text(json.dumps(asdict(self.triggerer_server)))
+        self.triggerer, self.triggerer_server = self._spawn(
+            "triggerer", ("triggerer",), self.home / "triggerer.log", self.triggerer_pid_file
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.triggerer.poll() is not None:
