@@ -222,9 +222,7 @@ def measure_queue(root: Path, endpoints: Endpoints, env: dict[str, str], n: int,
     queue = f"rmq_scale_{uuid.uuid4().hex[:8]}"
     runner_env = {
         **os.environ,
-        "AWS_ACCESS_KEY_ID": endpoints.s3_access_key,
-        "AWS_SECRET_ACCESS_KEY": endpoints.s3_secret_key,
-        "AWS_DEFAULT_REGION": endpoints.region,
+        **endpoints.aws_identity(),
     }
     runners = []
     for index in range(runner_count):

@@ -153,9 +153,7 @@ def start_runner(endpoints: Endpoints, root: Path) -> subprocess.Popen[bytes]:
     cache.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
-        "AWS_ACCESS_KEY_ID": endpoints.s3_access_key,
-        "AWS_SECRET_ACCESS_KEY": endpoints.s3_secret_key,
-        "AWS_DEFAULT_REGION": endpoints.region,
+        **endpoints.aws_identity(),
     }
     command = [
         str(Path(sys.executable).parent / "studio-runner"),

@@ -95,9 +95,7 @@ def pods(
         (pod / "request.json").write_text(json.dumps(request))
         env = {
             **os.environ,
-            "AWS_ACCESS_KEY_ID": endpoints.s3_access_key,
-            "AWS_SECRET_ACCESS_KEY": endpoints.s3_secret_key,
-            "AWS_DEFAULT_REGION": endpoints.region,
+            **endpoints.aws_identity(),
             # a fresh pod has no installer cache either
             "UV_CACHE_DIR": str(pod / "uv-cache"),
             "PIP_NO_CACHE_DIR": "1",

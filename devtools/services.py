@@ -112,6 +112,14 @@ class Endpoints:
             "AWS_DEFAULT_REGION": self.region,
         }
 
+    def aws_identity(self) -> dict[str, str]:
+        """The standard AWS variables that give a runner process the S3 identity of these servers."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.s3_access_key,
+            "AWS_SECRET_ACCESS_KEY": self.s3_secret_key,
+            "AWS_DEFAULT_REGION": self.region,
+        }
+
     def s3_client(self) -> Any:
         """A boto3 S3 client for SeaweedFS (path-style, as its single host name needs)."""
         import boto3  # only the callers that touch S3 pay for boto3's import

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bz2
 import contextlib
+import functools
 import gzip
 import io
 import logging
@@ -285,8 +286,10 @@ def unpack(
     return written
 
 
+@functools.cache
 def gnu_tar() -> str | None:
-    """The path of GNU tar on ``PATH``, or None (BusyBox and BSD tar lack the guards relied on)."""
+    """The path of GNU tar on ``PATH``, or None (BusyBox and BSD tar lack the guards relied on);
+    looked up once per process."""
     found = shutil.which("tar")
     if found is None:
         return None

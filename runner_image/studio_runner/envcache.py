@@ -14,7 +14,6 @@ first out; the object-storage prefix is bounded by a lifecycle rule (deploy/READ
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -289,7 +288,7 @@ def unpack_pack(path: Path, target: Path) -> None:
     the whole of a fresh pod's wait, and it is 4x faster than ``tarfile`` for an environment's
     thousands of small files. Elsewhere the archive module's own unpacker does it.
     """
-    tar = _gnu_tar()
+    tar = gnu_tar()
     try:
         with open(path, "rb") as source:
             if tar is not None:
@@ -298,11 +297,6 @@ def unpack_pack(path: Path, target: Path) -> None:
                 unpack(source, target, budget=_UNPACK_BUDGET)
     except ArchiveError as error:
         raise PackCorrupt(str(error)) from None
-
-
-@functools.cache
-def _gnu_tar() -> str | None:
-    return gnu_tar()
 
 
 class _Hashing:

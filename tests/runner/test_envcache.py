@@ -89,9 +89,7 @@ def fresh_pod_run(
         command += ["--env-cache-dir", str(local_dir)]
     environment = {
         **os.environ,
-        "AWS_ACCESS_KEY_ID": services.s3_access_key,
-        "AWS_SECRET_ACCESS_KEY": services.s3_secret_key,
-        "AWS_DEFAULT_REGION": services.region,
+        **services.aws_identity(),
         "UV_CACHE_DIR": str(pod / "uv-cache"),
         "PIP_NO_CACHE_DIR": "1",
         **(env or {}),
